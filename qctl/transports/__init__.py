@@ -1,0 +1,238 @@
+"""The broker interface every transport implements, and ``by_url()`` to pick one.
+
+A transport moves *envelopes* (headers, properties, body bytes) between named queues. It knows
+nothing about tasks: building and reading task messages is ``qctl.protocol``'s job, and
+deciding which queue a task goes to is ``qctl.routing``'s. Client libraries (redis, pika) are
+imported only by the module of the transport that needs them, and that module is imported
+only when a URL asks for it.
+
+Every method may be called from several threads of one process at once; implementations make
+that safe (one connection per thread, or a lock). After ``os.fork()`` a transport object must
+not be used by the child: create a new one (``App`` does this for you).
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from ..exceptions import ImproperlyConfigured
+
+#: How long a fetched, unacknowledged message stays leased to its consumer before another
+#: consumer may take it back. Live consumers renew their leases much more often than this
+#: (``renew_leases``), so it bounds only how long a dead worker's messages stay invisible.
+DEFAULT_LEASE_SECONDS = 30.0
+
+
+@dataclass
+class Envelope:
+    """One message as the broker stores it. ``body`` is already serialized (and compressed)."""
+
+    body: bytes
+    headers: dict[str, Any] = field(default_factory=dict)
+    properties: dict[str, Any] = field(default_factory=dict)
+    content_type: str = "application/json"
+    content_encoding: str = "utf-8"
+
+
+@dataclass
+class Delivery:
+    """A message leased to this consumer by ``fetch``.
+
+    ``tag`` is the transport's handle for ``ack``/``requeue``/``dead_letter``. When the stored
+    message could not even be split into headers and body, ``envelope`` is ``None``,
+    ``raw`` holds what was stored and ``error`` says what is wrong: the consumer dead-letters it.
+    """
+
+    tag: Any
+    queue: str
+    envelope: Envelope | None
+    redelivered: bool = False
+    delivery_count: int = 1
+    raw: bytes | None = None
+    error: str | None = None
+    exchange: str = ""
+    routing_key: str = ""
+
+
+@dataclass
+class DeadLetter:
+    """A message the workers gave up on, with the reason."""
+
+    id: Any
+    queue: str
+    reason: str
+    died_at: float
+    envelope: Envelope | None
+    raw: bytes | None = None
+
+
+class Subscription:
+    """A subscriber's view of a broadcast channel: each subscriber receives every message
+    broadcast after it subscribed, once."""
+
+    def get(self, timeout: float) -> list[bytes]:
+        """Messages broadcast since the last call; waits up to ``timeout`` s for the first."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop receiving. Idempotent."""
+        raise NotImplementedError
+
+
+class Transport:
+    """The broker contract. Implementations are in this package, one module per scheme."""
+
+    #: True when ``publish(eta=...)`` keeps the message invisible in the broker until then, so
+    #: a worker never has to hold it. When False, the worker holds ETA messages itself.
+    supports_delayed_delivery: bool = False
+
+    #: Name of this consumer: the owner of the leases it takes. Unique per transport object.
+    consumer_id: str
+
+    def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.options = dict(options or {})
+
+    # -- queues ---------------------------------------------------------------------------
+
+    def declare_queue(self, name: str, **arguments: Any) -> None:
+        """Make sure queue ``name`` exists. Idempotent; a no-op where queues need no declaring."""
+
+    def publish(self, queue: str, envelope: Envelope, *, priority: int = 0,
+                eta: float | None = None, exchange: str = "", routing_key: str = "") -> None:
+        """Store ``envelope`` in ``queue``; return only once the broker has it (committed,
+        acknowledged). ``priority`` 0..255, higher first (the AMQP convention; the Redis
+        transport maps it onto kombu's inverted lists). ``eta`` is a UNIX time before which
+        the message must not be delivered. Raises ``OperationalError`` when the broker cannot
+        take it; never drops it silently."""
+        raise NotImplementedError
+
+    def fetch(self, queues: Sequence[str], limit: int, timeout: float) -> list[Delivery]:
+        """Lease up to ``limit`` deliverable messages from ``queues`` (earlier queues first,
+        then higher priority, then oldest) to this consumer, atomically: a fetched message is
+        always either still in the broker under our lease or in the returned list. Waits up to
+        ``timeout`` s when none is ready; returns ``[]`` then. Each lease lasts
+        ``lease_seconds`` unless renewed."""
+        raise NotImplementedError
+
+    def ack(self, tags: Iterable[Any]) -> None:
+        """Delete these leased messages for good. Idempotent for tags already gone."""
+        raise NotImplementedError
+
+    def requeue(self, tags: Iterable[Any]) -> None:
+        """Give these leased messages back, deliverable now, marked redelivered."""
+        raise NotImplementedError
+
+    def dead_letter(self, tag: Any, reason: str, envelope: Envelope | None = None,
+                    queue: str | None = None) -> None:
+        """Move a leased message into the dead-letter store with ``reason``. When the message
+        was already acknowledged (``tag`` is None), ``envelope`` and ``queue`` describe it and
+        a copy is stored."""
+        raise NotImplementedError
+
+    def renew_leases(self) -> None:
+        """Extend the leases of every message this consumer holds. Called by the worker's
+        heartbeat well within ``lease_seconds``."""
+
+    def restore_expired(self) -> int:
+        """Make messages whose lease ran out deliverable again (their consumer died). Returns
+        how many. Safe to call from any consumer at any time."""
+        return 0
+
+    def release_all(self) -> int:
+        """Give back every message this consumer still holds (warm shutdown). Returns how many."""
+        return 0
+
+    def purge(self, queue: str) -> int:
+        """Delete the ready messages of ``queue``; returns how many."""
+        raise NotImplementedError
+
+    def queue_size(self, queue: str) -> int:
+        """Number of messages in ``queue`` that are ready or delayed (not leased)."""
+        raise NotImplementedError
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The oldest dead letters first."""
+        raise NotImplementedError
+
+    def requeue_dead(self, ids: Iterable[Any] | None) -> int:
+        """Put dead letters back on their queue (all when ``ids`` is None); returns how many."""
+        raise NotImplementedError
+
+    def purge_dead(self) -> int:
+        """Delete every dead letter; returns how many."""
+        raise NotImplementedError
+
+    # -- broadcast channel and reply mailboxes (remote control, events) --------------------
+
+    def broadcast(self, channel: str, payload: bytes) -> None:
+        """Deliver ``payload`` to every current subscriber of ``channel``."""
+        raise NotImplementedError
+
+    def subscribe(self, channel: str) -> Subscription:
+        """Start receiving what is broadcast on ``channel`` from now on."""
+        raise NotImplementedError
+
+    def put_reply(self, mailbox: str, payload: bytes, ttl: float = 60.0) -> None:
+        """Leave ``payload`` in ``mailbox`` for one reader; unread replies expire after ``ttl``."""
+        raise NotImplementedError
+
+    def get_replies(self, mailbox: str, timeout: float) -> list[bytes]:
+        """Take what waits in ``mailbox``; waits up to ``timeout`` s for the first reply."""
+        raise NotImplementedError
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raise ``OperationalError`` unless the broker answers."""
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+
+    @property
+    def lease_seconds(self) -> float:
+        value = self.options.get("visibility_timeout", self.options.get("lease_seconds"))
+        return float(value) if value else DEFAULT_LEASE_SECONDS
+
+
+_SCHEMES = {
+    "memory": "qctl.transports.memory:MemoryTransport",
+    "sqlite": "qctl.transports.sqlite:SqliteTransport",
+    "redis": "qctl.transports.redis:RedisTransport",
+    "rediss": "qctl.transports.redis:RedisTransport",
+    "amqp": "qctl.transports.amqp:AmqpTransport",
+    "amqps": "qctl.transports.amqp:AmqpTransport",
+    "pyamqp": "qctl.transports.amqp:AmqpTransport",
+}
+
+
+def scheme_of(url: str) -> str:
+    if "://" not in url:
+        raise ImproperlyConfigured(f"not a broker URL: {url!r} (expected e.g. sqlite:///qctl.sqlite3)")
+    return url.split("://", 1)[0].split("+", 1)[0].lower()
+
+
+def load_class(table: dict[str, str], url: str, what: str) -> type:
+    scheme = scheme_of(url)
+    if scheme not in table:
+        known = ", ".join(sorted(table))
+        raise ImproperlyConfigured(f"unknown {what} scheme {scheme!r} in {url!r} (known: {known})")
+    module_name, _, attr = table[scheme].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImproperlyConfigured(f"the {scheme}:// {what} is not available: {exc}") from exc
+    return getattr(module, attr)
+
+
+def by_url(url: str, options: dict[str, Any] | None = None) -> Transport:
+    """A new transport for ``url`` (its module imported only now)."""
+    return load_class(_SCHEMES, url, "broker")(url, options)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,296 @@
+"""The prefork pool: forked child processes, one job at a time each, over a pipe per child.
+
+The main process keeps the jobs; a child only ever holds the one it runs. A reader thread in
+the main process waits on every child's pipe and process sentinel: an outcome frees the child,
+an ended process is replaced and its job reported as lost (or as killed by its time limit).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import resource
+import signal
+import threading
+from multiprocessing.connection import wait
+from typing import Any
+
+from qctl import signals as app_signals
+from qctl.exceptions import SoftTimeLimitExceeded
+from qctl.trace import Outcome
+
+from ..execution import TIME_LIMIT, WORKER_LOST, Job, execute
+from . import Pool
+
+logger = logging.getLogger("qctl.worker.pool")
+_PR_SET_PDEATHSIG = 1
+
+
+class _Child:
+    def __init__(self, process: Any, conn: Any, index: int) -> None:
+        self.process = process
+        self.conn = conn
+        self.index = index
+        self.job: Job | None = None
+        self.kill_reason: str | None = None
+        self.retiring = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class PreforkPool(Pool):
+    name = "prefork"
+
+    def __init__(self, app: Any, limit: int, **options: Any) -> None:
+        super().__init__(app, limit, **options)
+        self._ctx = multiprocessing.get_context("fork")
+        self._children: list[_Child] = []
+        self._lock = threading.RLock()
+        self._stopping = False
+        self._next_index = 1
+        self._reader: threading.Thread | None = None
+        self._wakeup_r, self._wakeup_w = os.pipe()
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def start(self, on_outcome: Any) -> None:
+        super().start(on_outcome)
+        with self._lock:
+            for _ in range(self.limit):
+                self._spawn()
+        self._reader = threading.Thread(target=self._read_loop, name="PoolReader", daemon=True)
+        self._reader.start()
+
+    def _spawn(self) -> _Child:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        index = self._next_index
+        self._next_index += 1
+        process = self._ctx.Process(
+            target=_child_main, name=f"ForkPoolWorker-{index}",
+            args=(child_conn, self.app, self.max_tasks_per_child, self.max_memory_per_child))
+        process.start()
+        child_conn.close()
+        child = _Child(process, parent_conn, index)
+        self._children.append(child)
+        self._wake()
+        return child
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wakeup_w, b"x")
+        except OSError:
+            pass
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._children if c.job is None and not c.retiring)
+
+    def apply(self, job: Job) -> None:
+        with self._lock:
+            child = next(c for c in self._children if c.job is None and not c.retiring)
+            child.job = job
+            job.worker_pid = child.pid
+        try:
+            child.conn.send(job.for_child())
+        except (OSError, ValueError):
+            pass  # the child is gone: the reader reports the job as lost
+
+    def terminate_job(self, job: Job, signum: int, reason: str) -> bool:
+        with self._lock:
+            for child in self._children:
+                if child.job is job:
+                    child.kill_reason = reason
+                    try:
+                        os.kill(child.pid, signum)
+                    except ProcessLookupError:
+                        pass
+                    return True
+        return False
+
+    def grow(self, n: int = 1) -> None:
+        with self._lock:
+            self.limit += n
+            for _ in range(n):
+                self._spawn()
+
+    def shrink(self, n: int = 1) -> None:
+        with self._lock:
+            for _ in range(min(n, self.limit - 1)):
+                idle = [c for c in self._children if not c.retiring]
+                child = next((c for c in idle if c.job is None), idle[-1] if idle else None)
+                if child is None:
+                    break
+                child.retiring = True
+                self.limit -= 1
+                if child.job is None:
+                    self._send_stop(child)
+
+    def _send_stop(self, child: _Child) -> None:
+        try:
+            child.conn.send(None)
+        except (OSError, ValueError):
+            pass
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stopping = True
+        with self._lock:
+            children = list(self._children)
+        for child in children:
+            if child.job is None:
+                self._send_stop(child)
+        for child in children:
+            child.process.join(timeout)
+        self.terminate()
+
+    def terminate(self) -> None:
+        self._stopping = True
+        with self._lock:
+            children = list(self._children)
+        for child in children:
+            if child.process.is_alive():
+                try:
+                    os.kill(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for child in children:
+            child.process.join(2)
+        self._wake()
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [c.pid for c in self._children]
+
+    def active_pids(self) -> dict[int, Job]:
+        with self._lock:
+            return {c.pid: c.job for c in self._children if c.job is not None}
+
+    # -- the reader thread ----------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        while True:
+            with self._lock:
+                children = list(self._children)
+            if self._stopping and not any(c.process.is_alive() for c in children):
+                return
+            by_key: dict[Any, _Child] = {}
+            for child in children:
+                by_key[child.conn] = child
+                by_key[child.process.sentinel] = child
+            ready = wait(list(by_key) + [self._wakeup_r], timeout=1.0)
+            for key in ready:
+                if key == self._wakeup_r:
+                    os.read(self._wakeup_r, 4096)
+                    continue
+                child = by_key[key]
+                if key is child.conn:
+                    self._receive(child)
+                elif not child.process.is_alive() or child.process.exitcode is not None:
+                    self._receive(child)  # an outcome may still sit in the pipe
+                    self._reap(child)
+
+    def _receive(self, child: _Child) -> None:
+        while True:
+            try:
+                if not child.conn.poll():
+                    return
+                message = child.conn.recv()
+            except (EOFError, OSError):
+                return
+            if isinstance(message, Outcome):
+                with self._lock:
+                    job, child.job = child.job, None
+                if job is not None:
+                    self.on_outcome(job, message)
+                if child.retiring:
+                    self._send_stop(child)
+
+    def _reap(self, child: _Child) -> None:
+        with self._lock:
+            if child not in self._children:
+                return
+            self._children.remove(child)
+            job, child.job = child.job, None
+            child.process.join(0.1)
+            code = child.process.exitcode
+            if not self._stopping and not child.retiring:
+                self._spawn()
+        try:
+            child.conn.close()
+        except OSError:
+            pass
+        if job is not None:
+            if child.kill_reason:
+                state, text = child.kill_reason, f"killed by signal (pid {child.pid})"
+            else:
+                state, text = WORKER_LOST, _exit_text(code)
+            self.on_outcome(job, Outcome(job.task_id, state, 0.0, summary=text))
+        elif code not in (0, None) and not self._stopping:
+            logger.warning("Pool process %s exited unexpectedly: %s", child.pid, _exit_text(code))
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exitcode {code}"
+
+
+# -- inside the child -----------------------------------------------------------------------
+
+_in_task = False
+
+
+def _on_soft_limit(signum: int, frame: Any) -> None:
+    if _in_task:
+        raise SoftTimeLimitExceeded("SoftTimeLimitExceeded()")
+
+
+def _child_main(conn: Any, app: Any, max_tasks: int | None, max_memory_kib: int | None) -> None:
+    global _in_task
+    # The main process handles INT/TERM/QUIT/HUP for the node; a child only dies with it.
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN if signum != signal.SIGTERM else signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, _on_soft_limit)
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except Exception:  # not Linux: the pipe's EOF still ends us when idle
+        pass
+    app_signals.worker_process_init.send(sender=None)
+    done = 0
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            break
+        if job is None:
+            break
+        soft = job.soft_time_limit
+        _in_task = True
+        if soft:
+            signal.setitimer(signal.ITIMER_REAL, soft)
+        try:
+            outcome = execute(app, job)
+        finally:
+            if soft:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            _in_task = False
+        try:
+            conn.send(outcome)
+        except (OSError, ValueError):
+            break
+        done += 1
+        if max_tasks and done >= max_tasks:
+            break
+        if max_memory_kib and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > max_memory_kib:
+            logging.getLogger("qctl.worker.pool").info(
+                "Pool process %s over --max-memory-per-child (%s KiB): replacing it",
+                os.getpid(), max_memory_kib)
+            break
+    app_signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
+    logging.shutdown()
+    os._exit(0)

@@ -1,0 +1,181 @@
+"""The worker node. ``Worker.run()`` is the map of the node: start order, wait, stop order.
+
+    start: logging -> app -> broker -> queues -> state db -> pool -> consumer (last) -> ready
+    warm stop (TERM, INT): stop fetching -> give back messages not running -> let running
+           tasks finish (up to --shutdown-timeout) -> flush results and acks -> pool -> state db
+    cold stop (QUIT, second INT, or the timeout): stop fetching -> kill the pool -> give back
+           every message still leased -> state db
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from typing import Any
+
+from qctl import signals as app_signals
+from qctl.exceptions import ImproperlyConfigured, OperationalError
+from qctl.routing import select_queues
+
+from . import banner, logs, pools
+from .consumer import Consumer
+from .state import NodeState
+
+logger = logging.getLogger("qctl.worker")
+
+EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_CONFIG = 0, 70, 69, 78
+
+
+def expand_hostname(name: str | None) -> str:
+    """``-n`` templates: ``%h`` host, ``%n`` short host, ``%d`` domain; default ``celery@host``."""
+    host = socket.gethostname()
+    short, _, domain = host.partition(".")
+    name = name or "celery@%h"
+    name = name.replace("%h", host).replace("%n", short).replace("%d", domain).replace("%%", "%")
+    return name if "@" in name else f"{name}@{host}"
+
+
+class Worker:
+    def __init__(self, app: Any, hostname: str | None = None, concurrency: int | None = None,
+                 pool: str | None = None, queues: list[str] | None = None,
+                 exclude_queues: list[str] | None = None, loglevel: str = "INFO",
+                 logfile: str | None = None, pidfile: str | None = None, events: bool = False,
+                 beat: bool = False, prefetch_multiplier: int | None = None,
+                 max_tasks_per_child: int | None = None, max_memory_per_child: int | None = None,
+                 time_limit: float | None = None, soft_time_limit: float | None = None,
+                 autoscale: tuple[int, int] | None = None, without_heartbeat: bool = False,
+                 statedb: str | None = None, shutdown_timeout: float | None = None,
+                 no_color: bool = False, quiet: bool = False, **extra: Any) -> None:
+        conf = app.conf
+        self.app = app
+        self.hostname = expand_hostname(hostname)
+        self.pool_name = pool or conf.worker_pool or "prefork"
+        self.concurrency = concurrency or conf.worker_concurrency or os.cpu_count() or 1
+        if self.pool_name == "solo":
+            self.concurrency = 1
+        self.include_queues, self.exclude_queues = queues, exclude_queues
+        self.loglevel, self.logfile, self.pidfile = loglevel, logfile, pidfile
+        self.events, self.beat = events, beat
+        self.prefetch_multiplier = prefetch_multiplier or conf.worker_prefetch_multiplier or 4
+        self.max_tasks_per_child = max_tasks_per_child or conf.worker_max_tasks_per_child
+        self.max_memory_per_child = max_memory_per_child or conf.worker_max_memory_per_child
+        self.time_limit = time_limit or conf.task_time_limit
+        self.soft_time_limit = soft_time_limit or conf.task_soft_time_limit
+        self.statedb = statedb or conf.worker_state_db
+        self.shutdown_timeout = shutdown_timeout if shutdown_timeout is not None else conf.worker_shutdown_timeout
+        self.no_color, self.quiet = no_color, quiet
+        self.state = NodeState(self.statedb)
+        self.queues: list[str] = []
+        self.pool: Any = None
+        self.consumer: Consumer | None = None
+        self._stop = threading.Event()
+        self._cold = False
+        self._int_count = 0
+
+    # -- the node's life, in order --------------------------------------------------------
+
+    def run(self) -> int:
+        """Start, wait for a stop signal, stop. Returns the process exit code."""
+        logs.setup(self.loglevel, self.logfile, no_color=self.no_color)
+        try:
+            self.start()
+        except (ImproperlyConfigured, OperationalError, ValueError) as exc:
+            logger.critical("Cannot start worker %s: %s", self.hostname, exc)
+            self.stop(cold=True)
+            return EX_UNAVAILABLE if isinstance(exc, OperationalError) else EX_CONFIG
+        self._install_signal_handlers()
+        while not self._stop.wait(1.0):
+            pass
+        self.stop(cold=self._cold)
+        return EX_OK
+
+    def start(self) -> None:
+        app = self.app
+        app_signals.worker_init.send(sender=self)
+        app.finalize()
+        app.transport.ping()                                   # broker reachable?
+        self.queues = self._select_queues()
+        for name in self.queues:
+            app.transport.declare_queue(name)
+        self.state.load()                                      # revoked ids from --statedb
+        self.pool = pools.create(self.pool_name, app, self.concurrency,
+                                 max_tasks_per_child=self.max_tasks_per_child,
+                                 max_memory_per_child=self.max_memory_per_child)
+        self.consumer = Consumer(self)
+        self.pool.start(self.consumer.on_outcome)
+        if not self.quiet:
+            banner.show(self, self.logfile, self.no_color)
+        self.consumer.start()                                  # consuming: last
+        logger.info("%s ready.", self.hostname)
+        app_signals.worker_ready.send(sender=self)
+
+    def stop(self, cold: bool = False) -> None:
+        app_signals.worker_shutting_down.send(sender=self.hostname, sig=None, how="cold" if cold else "warm")
+        consumer, pool = self.consumer, self.pool
+        if consumer is not None:
+            consumer.stop_consuming()                          # 1. fetch no more
+            returned = consumer.drain()                        # 2. give back what is not running
+            if returned:
+                logger.info("Restored %d message(s) not yet started to the queue", returned)
+            if not cold and not consumer.wait_active(self.shutdown_timeout, abort=lambda: self._cold):
+                if not self._cold:
+                    logger.warning("Warm shutdown timed out after %ss: stopping running tasks",
+                                   self.shutdown_timeout)
+                cold = True
+        if pool is not None:
+            if cold:
+                pool.terminate()                               # 3. cold: kill running tasks
+            else:
+                pool.stop(timeout=5.0)                         # 3. warm: tasks are done
+        if consumer is not None:
+            consumer.stop()                                    # 4. last results and acks
+        try:
+            restored = self.app.transport.release_all()        # 5. nothing leased stays ours
+            if restored:
+                logger.info("Restored %d unacknowledged message(s) to the queue", restored)
+        except Exception as exc:  # noqa: BLE001
+            logger.error("Cannot give messages back to the broker: %s", exc)
+        self.state.save()                                      # 6. revoked ids
+        app_signals.worker_shutdown.send(sender=self)
+        self.app.close()
+
+    def _select_queues(self) -> list[str]:
+        conf = self.app.conf
+        known = [q.name if hasattr(q, "name") else str(q) for q in (conf.task_queues or [])]
+        if not known:
+            known = [conf.task_default_queue]
+        names = select_queues(known, self.include_queues, self.exclude_queues)
+        if not names:
+            raise ImproperlyConfigured("no queue left to consume from (check -Q and -X)")
+        return names
+
+    # -- signals: handlers only set flags -------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_int)
+        signal.signal(signal.SIGQUIT, self._on_quit)
+
+    def request_stop(self, cold: bool = False) -> None:
+        self._cold = self._cold or cold
+        self._stop.set()
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        logger.info("worker: Warm shutdown (MainProcess)")
+        self.request_stop()
+
+    def _on_int(self, signum: int, frame: Any) -> None:
+        self._int_count += 1
+        if self._int_count > 1:
+            logger.info("worker: Cold shutdown (MainProcess)")
+            self.request_stop(cold=True)
+            return
+        logger.info("worker: Hitting Ctrl+C again will terminate all running tasks!")
+        self.request_stop()
+
+    def _on_quit(self, signum: int, frame: Any) -> None:
+        logger.info("worker: Cold shutdown (MainProcess)")
+        self.request_stop(cold=True)
+
