@@ -138,7 +138,7 @@ class App:
         """``@app.task`` or ``@app.task(name=..., bind=True, ...)``."""
         def create(fun: Callable[..., Any]) -> Task:
             return self._task_from_fun(fun, **options)
-        if len(args) == 1 and callable(args[0]) and not options:
+        if len(args) == 1 and callable(args[0]):
             return create(args[0])
         if args:
             raise TypeError("@app.task() takes keyword arguments only")

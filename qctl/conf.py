@@ -101,6 +101,8 @@ def mask_url(url: Any) -> Any:
 def censor(key: str, value: Any) -> Any:
     """The value to show for setting ``key``: secrets hidden, URL passwords masked."""
     if isinstance(value, Mapping):
+        if _SECRET.search(key) and not key.endswith("_options"):
+            return CENSORED
         return {k: censor(str(k), v) for k, v in value.items()}
     if _SECRET.search(key) and not key.endswith(("_url", "_backend")) and value not in (None, ""):
         return CENSORED
@@ -110,7 +112,17 @@ def censor(key: str, value: Any) -> Any:
 
 
 def _coerce(text: str, default: Any) -> Any:
-    """Read an environment variable with the type of the setting's default."""
+    """Read an environment variable with the type of the setting's default (raises ValueError)."""
+    if default is None:  # no type to go by: numbers and booleans as such, else text
+        lowered = text.strip().lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
     if isinstance(default, bool):
         return text.strip().lower() in ("1", "true", "yes", "on")
     if isinstance(default, int) and not isinstance(default, bool):
@@ -145,7 +157,9 @@ class Settings(MutableMapping):
         try:
             return _coerce(value, default)
         except ValueError:
-            return value
+            from .exceptions import ImproperlyConfigured
+            raise ImproperlyConfigured(f"environment variable {name}={value!r} is not a valid "
+                                       f"{type(default).__name__} for setting {key!r}") from None
 
     def __getitem__(self, key: str) -> Any:
         value = self._env(key)

@@ -222,8 +222,10 @@ def read_headers(envelope: Envelope, accept: Iterable[str] | frozenset[str] | No
     if not isinstance(headers.get("id"), str) or not headers["id"]:
         raise InvalidTaskError("the 'id' header is missing")
     timelimit = headers.get("timelimit")
-    if timelimit is not None and not (isinstance(timelimit, (list, tuple)) and len(timelimit) == 2):
-        raise InvalidTaskError("the 'timelimit' header is not [hard, soft]")
+    if timelimit is not None and not (
+            isinstance(timelimit, (list, tuple)) and len(timelimit) == 2
+            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in timelimit)):
+        raise InvalidTaskError("the 'timelimit' header is not [hard, soft] seconds")
     retries = headers.get("retries", 0)
     if retries is not None and not isinstance(retries, int):
         raise InvalidTaskError("the 'retries' header is not an integer")

@@ -5,7 +5,7 @@ rebuilt into exception objects here; only ``BaseException`` subclasses are ever 
 """
 from __future__ import annotations
 
-import importlib
+import sys
 import time
 from datetime import datetime
 from typing import Any, Callable, Iterable
@@ -42,9 +42,9 @@ def meta_to_exception(value: Any) -> BaseException:
     message = value.get("exc_message") or []
     if not isinstance(message, (list, tuple)):
         message = [message]
-    cls: Any = None
+    # Only modules already loaded are searched: stored data must not make us import code.
+    cls: Any = sys.modules.get(module_name)
     try:
-        cls = importlib.import_module(module_name)
         for part in name.split("."):
             cls = getattr(cls, part)
     except Exception:

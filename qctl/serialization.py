@@ -173,20 +173,21 @@ def loads(data: bytes, content_type: str, content_encoding: str = "utf-8",
 
 # -- compression ----------------------------------------------------------------------------
 
+# kombu's names: 'gzip' is an alias of zlib, and both travel as 'application/x-gzip'.
 _COMPRESSION = {
-    "zlib": "application/x-gzip",  # kombu names zlib compression 'application/x-gzip'
-    "gzip": "application/gzip",
+    "zlib": "application/x-gzip",
+    "gzip": "application/x-gzip",
     "bzip2": "application/x-bz2",
 }
 _ALIASES = {"application/x-gzip": "zlib", "application/gzip": "gzip", "application/x-bz2": "bzip2",
-            "zlib": "zlib", "gzip": "gzip", "bzip2": "bzip2"}
+            "zlib": "zlib", "gzip": "zlib", "bzip2": "bzip2"}
 
 
 def compress(data: bytes, method: str) -> tuple[str, bytes]:
     """Compress with 'zlib', 'gzip' or 'bzip2': (header value, bytes)."""
     if method not in _COMPRESSION:
         raise DecodeError(f"unknown compression {method!r} (known: zlib, gzip, bzip2)")
-    return _COMPRESSION[method], _codec(method)[0](data)
+    return _COMPRESSION[method], _codec(_ALIASES[method])[0](data)
 
 
 def decompress(data: bytes, header: str) -> bytes:

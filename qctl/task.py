@@ -203,7 +203,7 @@ class Task:
 
     def check_arguments(self, args: tuple, kwargs: dict) -> None:
         """Raise ``TypeError`` at the call site when ``args``/``kwargs`` do not fit ``run``."""
-        signature = getattr(type(self), "_signature_cache", None)
+        signature = type(self).__dict__.get("_signature_cache")
         if signature is None:
             try:
                 signature = inspect.signature(self.run)
@@ -269,7 +269,7 @@ class Task:
         if request.is_eager:
             from .trace import apply_eagerly
             value = apply_eagerly(self, tuple(new_args), dict(new_kwargs or {}),
-                                  task_id=request.id, retries=request.retries + 1, throw=True)
+                                  task_id=request.id, retries=request.retries + 1, throw=False)
             raise Retry(exc=exc, when=countdown, eager_result=value)
         send_options = {k: v for k, v in send_options.items() if v is not None}
         self.app.send_task(self.name, tuple(new_args), dict(new_kwargs or {}), _task=self,

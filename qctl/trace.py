@@ -262,7 +262,10 @@ def apply_eagerly(task: Task, args: tuple, kwargs: dict, task_id: str | None = N
     tracer = Tracer(task, request, store=lambda task_id, meta: None)
     outcome = tracer.run()
     if outcome.state == states.RETRY and getattr(tracer.exception, "eager_result", None) is not None:
-        return tracer.exception.eager_result  # type: ignore[union-attr]
+        final = tracer.exception.eager_result  # type: ignore[union-attr]
+        if throw and final.state == states.FAILURE:
+            raise final.result
+        return final
     if outcome.state == states.FAILURE:
         if throw:
             raise tracer.exception  # type: ignore[misc]

@@ -145,6 +145,8 @@ def by_url(url: str, app: Any = None, options: dict[str, Any] | None = None) -> 
     scheme = url.split("://", 1)[0].lower() if "://" in url else url.lower()
     if scheme not in _SCHEMES:
         known = ", ".join(sorted(_SCHEMES))
-        raise ImproperlyConfigured(f"unknown result backend {scheme!r} in {url!r} (known: {known})")
-    cls = load_class({scheme: _SCHEMES[scheme]}, f"{scheme.split('+')[0]}://", "result backend")
+        from ..conf import mask_url
+        raise ImproperlyConfigured(f"unknown result backend {scheme!r} in {mask_url(url)!r} (known: {known})")
+    base = scheme.split("+", 1)[0]
+    cls = load_class({base: _SCHEMES[scheme]}, f"{base}://", "result backend")
     return cls(url, app, options)

@@ -84,7 +84,7 @@ def find_app(spec: str) -> App:
     """The App that ``-A spec`` names, as Celery resolves ``-A``.
 
     ``module:attr`` -> that attribute; ``module`` -> its ``app`` attribute, else its only App,
-    else the same search in the submodule ``module.qctl``. The current directory is put at
+    else the same search in the submodule ``module.qctl`` (then ``module.celery``). The current directory is put at
     the front of ``sys.path`` first, so ``-A proj`` finds ``./proj.py`` as it does in Celery.
     """
     cwd = os.getcwd()
@@ -98,25 +98,31 @@ def find_app(spec: str) -> App:
                 raise AppNotFound(f"module {module_name!r} has no attribute {attr!r}")
             obj = getattr(obj, part)
         if not isinstance(obj, App):
-            raise AppNotFound(f"{spec!r} is a {type(obj).__name__}, not a qctl App")
+            raise AppNotFound(f"{spec!r} is not a qctl App (got {type(obj).__name__})")
         return obj
     obj = _import_module_or_attr(module_name)
     if isinstance(obj, App):
         return obj
     if not isinstance(obj, ModuleType):
-        raise AppNotFound(f"{spec!r} is a {type(obj).__name__}, not a qctl App")
+        raise AppNotFound(f"{spec!r} is not a qctl App (got {type(obj).__name__})")
     app = _app_in_module(obj)
-    if app is None and hasattr(obj, "__path__"):
+    # Then the submodule `pkg.qctl`; `pkg.celery` last, for projects migrating from Celery
+    # that kept their `proj/celery.py` and now build a qctl App (`from qctl import Celery`).
+    for submodule in ("qctl", "celery"):
+        if app is not None or not hasattr(obj, "__path__"):
+            break
+        name = f"{obj.__name__}.{submodule}"
         try:
-            sub = importlib.import_module(f"{obj.__name__}.qctl")
+            sub = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name != f"{obj.__name__}.qctl":
+            if exc.name != name:
                 raise
         else:
             app = _app_in_module(sub)
     if app is None:
         raise AppNotFound(f"no qctl App in module {module_name!r} (looked for 'app', a single "
-                          f"App instance, and the submodule {module_name}.qctl)")
+                          f"App instance, and the submodules {module_name}.qctl and "
+                          f"{module_name}.celery)")
     return app
 
 

@@ -212,7 +212,7 @@ _SCHEMES = {
 
 def scheme_of(url: str) -> str:
     if "://" not in url:
-        raise ImproperlyConfigured(f"not a broker URL: {url!r} (expected e.g. sqlite:///qctl.sqlite3)")
+        raise ImproperlyConfigured(f"not a broker URL: {_masked(url)!r} (expected e.g. sqlite:///qctl.sqlite3)")
     return url.split("://", 1)[0].split("+", 1)[0].lower()
 
 
@@ -220,13 +220,18 @@ def load_class(table: dict[str, str], url: str, what: str) -> type:
     scheme = scheme_of(url)
     if scheme not in table:
         known = ", ".join(sorted(table))
-        raise ImproperlyConfigured(f"unknown {what} scheme {scheme!r} in {url!r} (known: {known})")
+        raise ImproperlyConfigured(f"unknown {what} scheme {scheme!r} in {_masked(url)!r} (known: {known})")
     module_name, _, attr = table[scheme].partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ImproperlyConfigured(f"the {scheme}:// {what} is not available: {exc}") from exc
     return getattr(module, attr)
+
+
+def _masked(url: str) -> str:
+    from ..conf import mask_url
+    return mask_url(url)
 
 
 def by_url(url: str, options: dict[str, Any] | None = None) -> Transport:
