@@ -61,6 +61,8 @@ class Consumer:
         self.active: dict[int, Job] = {}
         self._acks: list[Any] = []
         self._results: list[tuple[str, bytes, str]] = []
+        self._settler: queue.SimpleQueue = queue.SimpleQueue()
+        self._settler_thread = threading.Thread(target=self._settle_loop, name="Settler", daemon=True)
         self._fetcher: threading.Thread | None = None
         self._hub: threading.Thread | None = None
         self._hub_done = threading.Event()
@@ -70,6 +72,7 @@ class Consumer:
 
     def start(self) -> None:
         self.consuming.set()
+        self._settler_thread.start()
         self._hub = threading.Thread(target=self._hub_loop, name="Hub", daemon=True)
         self._hub.start()
         self._fetcher = threading.Thread(target=self._fetch_loop, name="Fetcher", daemon=True)
@@ -78,9 +81,12 @@ class Consumer:
 
     def _fetch_loop(self) -> None:
         backoff = 0.1
+        # Fetch when at least half the window is free: one broker round trip then leases a
+        # batch, instead of one message per round trip when the pool runs at full speed.
+        low_water = self.window - max(1, self.window // 2)
         while self.consuming.is_set():
             with self._window:
-                while self._reserved >= self.window and self.consuming.is_set():
+                while self._reserved > low_water and self.consuming.is_set():
                     self._window.wait(0.5)
                 free = self.window - self._reserved
             if not self.consuming.is_set():
@@ -419,24 +425,45 @@ class Consumer:
             logger.error("Cannot encode the result of %s: %s", task_id, exc)
 
     def _flush(self) -> None:
-        """Store pending results, then send pending acks: one round trip each."""
-        if self._results:
-            results, self._results = self._results, []
+        """Hand pending results and acks to the settler thread, which writes them in batches
+        so the hub never waits on the broker between two tasks."""
+        if self._results or self._acks:
+            self._settler.put((self._results, self._acks))
+            self._results, self._acks = [], []
+
+    def _settle_loop(self) -> None:
+        """Store results, then acknowledge: one round trip each for everything pending."""
+        results: list = []
+        acks: list = []
+        stopping = False
+        while True:
+            if not results and not acks:
+                if stopping:
+                    return
+                item = self._settler.get()
+                if item is None:
+                    return
+                results, acks = list(item[0]), list(item[1])
+            while True:  # take everything that queued up meanwhile: bigger batches under load
+                try:
+                    item = self._settler.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                results += item[0]
+                acks += item[1]
             try:
-                self.backend.set_many(results)
-            except Exception as exc:  # noqa: BLE001
-                logger.error("Cannot store %d result(s): %s (retrying)", len(results), exc)
-                self._results = results + self._results
-                time.sleep(0.2)
-                return
-        if self._acks:
-            acks, self._acks = self._acks, []
-            try:
-                self.transport.ack(acks)
-            except Exception as exc:  # noqa: BLE001
-                logger.error("Cannot acknowledge %d message(s): %s (retrying)", len(acks), exc)
-                self._acks = acks + self._acks
-                time.sleep(0.2)
+                if results:
+                    self.backend.set_many(results)
+                    results = []
+                if acks:
+                    self.transport.ack(acks)
+                    acks = []
+            except Exception as exc:  # noqa: BLE001 - keep them and try again
+                logger.error("Cannot store results / acknowledge messages: %s (retrying)", exc)
+                time.sleep(0.5)
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -481,9 +508,12 @@ class Consumer:
         return True
 
     def stop(self) -> None:
-        """End the hub after a last flush."""
+        """End the hub after a last flush, then the settler once it wrote everything."""
         self.events.put(("stop",))
         self._hub_done.wait(10)
+        self._settler.put(None)
+        if self._settler_thread.is_alive():
+            self._settler_thread.join(30)
 
 
 def _message_label(delivery: Any) -> str:

@@ -108,7 +108,8 @@ class Worker:
         if not self.quiet:
             banner.show(self, self.logfile, self.no_color)
         self.consumer.start()                                  # consuming: last
-        logger.info("%s ready.", self.hostname)
+        # Shown at any log level, as Celery prints it: scripts and operators wait for it.
+        logger.log(max(logging.getLogger().getEffectiveLevel(), logging.INFO), "%s ready.", self.hostname)
         app_signals.worker_ready.send(sender=self)
 
     def stop(self, cold: bool = False) -> None:

@@ -88,6 +88,19 @@ _MESSAGE_COLUMNS = ("id, queue, redelivered, delivery_count, exchange, routing_k
 # that garbage collection never closes them in the child: closing SQLite handles that were
 # opened in another process can corrupt that process's locks.
 _INHERITED: list[sqlite3.Connection] = []
+#: One write lock per file and process: threads of one process take turns in Python rather
+#: than in SQLite's busy handler, which sleeps whole milliseconds between attempts.
+_WRITE_LOCKS: dict[tuple[int, str], threading.Lock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def write_lock(path: str) -> threading.Lock:
+    key = (os.getpid(), os.path.abspath(path))
+    lock = _WRITE_LOCKS.get(key)
+    if lock is None:
+        with _WRITE_LOCKS_GUARD:
+            lock = _WRITE_LOCKS.setdefault(key, threading.Lock())
+    return lock
 
 
 def split_url(url: str) -> tuple[str, dict[str, str]]:
@@ -218,23 +231,28 @@ class Database:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         """One autocommit statement (atomic on its own)."""
-        return self._retrying(lambda: self.conn().execute(sql, params))
+        def attempt() -> sqlite3.Cursor:
+            conn = self.conn()
+            with write_lock(self.path):
+                return conn.execute(sql, params)
+        return self._retrying(attempt)
 
     def write(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(conn, *args)`` in one ``BEGIN IMMEDIATE`` transaction and commit it."""
         def attempt() -> Any:
             conn = self.conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn, *args)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                raise
+            with write_lock(self.path):
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn, *args)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        try:
+                            conn.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            pass
+                    raise
             return result
         return self._retrying(attempt)
 

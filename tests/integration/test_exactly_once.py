@@ -78,5 +78,6 @@ def test_four_workers_run_each_of_5000_tasks_exactly_once(tmp_project, start_wor
     assert app.transport.dead_letters() == []
     for worker in workers:
         assert worker.alive()
+        assert not worker.log_lines(r": (ERROR|CRITICAL)/"), worker.tail()
     print(f"\npublished {TASKS} in {published:.1f}s, all done in {elapsed:.1f}s, "
           f"per worker: {per_worker}")

@@ -63,7 +63,7 @@ def test_delay_get_returns_value(app):
     assert app.tasks["proj.add"].apply_async((["a"], ["b"])).get(timeout=GET) == ["a", "b"]
 
 
-def test_failure_propagates_type_message_and_traceback(app):
+def test_failure_propagates_type_message_and_traceback(app, worker):
     result = app.tasks["proj.fail"].delay("kaboom 42")
     with pytest.raises(ValueError, match="kaboom 42"):
         result.get(timeout=GET)
@@ -77,6 +77,8 @@ def test_failure_propagates_type_message_and_traceback(app):
     assert tb and "Traceback (most recent call last)" in tb
     assert "ValueError: kaboom 42" in tb
     assert "proj.py" in tb and "raise ValueError(message)" in tb
+    worker.wait_log(rf"ERROR/MainProcess\] Task proj\.fail\[{result.id}\] raised unexpected: "
+                    r"ValueError\('kaboom 42'\)$")
 
 
 def test_unknown_id_is_pending(app):
