@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import queue
 import signal
 import threading
@@ -306,13 +307,13 @@ class Consumer:
             if not task.acks_late:
                 self._acks.append(job.delivery.tag)
                 job.delivery.tag = None  # acknowledged: a later dead letter stores a copy
-            if task.track_started:
-                self._store_meta(job.task_id, {"status": states.STARTED, "result": {
-                    "pid": None, "hostname": self.hostname}, "traceback": None, "children": [],
-                    "date_done": None, "task_id": job.task_id})
             job.started = time.monotonic()
             self.active[job.seq] = job
             self.pool.apply(job)
+            if task.track_started:
+                self._store_meta(job.task_id, {"status": states.STARTED, "result": {
+                    "pid": job.worker_pid or os.getpid(), "hostname": self.hostname},
+                    "traceback": None, "children": [], "date_done": None, "task_id": job.task_id})
             if job.time_limit:
                 self.call_at(job.started + job.time_limit, lambda job=job: self._hard_limit(job))
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from qctl import signals as app_signals
 from qctl.exceptions import ImproperlyConfigured, OperationalError
+from qctl.pidfile import Pidfile, PidfileError
 from qctl.routing import select_queues
 
 from . import banner, logs, pools
@@ -25,14 +26,14 @@ from .state import NodeState
 
 logger = logging.getLogger("qctl.worker")
 
-EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_CONFIG = 0, 70, 69, 78
+EX_OK, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_CONFIG = 0, 69, 70, 73, 78
 
 
 def expand_hostname(name: str | None) -> str:
-    """``-n`` templates: ``%h`` host, ``%n`` short host, ``%d`` domain; default ``celery@host``."""
+    """``-n`` templates: ``%h`` host, ``%n`` short host, ``%d`` domain; default ``qctl@host``."""
     host = socket.gethostname()
     short, _, domain = host.partition(".")
-    name = name or "celery@%h"
+    name = name or "qctl@%h"
     name = name.replace("%h", host).replace("%n", short).replace("%d", domain).replace("%%", "%")
     return name if "@" in name else f"{name}@{host}"
 
@@ -79,16 +80,27 @@ class Worker:
     def run(self) -> int:
         """Start, wait for a stop signal, stop. Returns the process exit code."""
         logs.setup(self.loglevel, self.logfile, no_color=self.no_color)
+        pidfile = Pidfile(self.pidfile) if self.pidfile else None
+        try:
+            if pidfile is not None:
+                pidfile.acquire()                              # before anything else: one node
+        except PidfileError as exc:
+            logger.critical("Cannot start worker %s: %s", self.hostname, exc)
+            return EX_CANTCREAT
         try:
             self.start()
         except (ImproperlyConfigured, OperationalError, ValueError) as exc:
             logger.critical("Cannot start worker %s: %s", self.hostname, exc)
             self.stop(cold=True)
+            if pidfile is not None:
+                pidfile.release()
             return EX_UNAVAILABLE if isinstance(exc, OperationalError) else EX_CONFIG
         self._install_signal_handlers()
         while not self._stop.wait(1.0):
             pass
         self.stop(cold=self._cold)
+        if pidfile is not None:
+            pidfile.release()                                  # removed on a clean exit
         return EX_OK
 
     def start(self) -> None:

@@ -34,7 +34,8 @@ class _Child:
         self.index = index
         self.job: Job | None = None
         self.kill_reason: str | None = None
-        self.retiring = False
+        self.retiring = False      # takes no new job; it exits after the current one
+        self.replace = True        # spawn a successor when it exits (not after a shrink)
 
     @property
     def pid(self) -> int:
@@ -124,6 +125,7 @@ class PreforkPool(Pool):
                 if child is None:
                     break
                 child.retiring = True
+                child.replace = False
                 self.limit -= 1
                 if child.job is None:
                     self._send_stop(child)
@@ -199,6 +201,10 @@ class PreforkPool(Pool):
                 message = child.conn.recv()
             except (EOFError, OSError):
                 return
+            if isinstance(message, tuple) and len(message) == 2 and isinstance(message[0], Outcome):
+                message, exiting = message
+                if exiting:  # recycled after this task: it must not be handed another one
+                    child.retiring = True
             if isinstance(message, Outcome):
                 with self._lock:
                     job, child.job = child.job, None
@@ -215,7 +221,7 @@ class PreforkPool(Pool):
             job, child.job = child.job, None
             child.process.join(0.1)
             code = child.process.exitcode
-            if not self._stopping and not child.retiring:
+            if not self._stopping and child.replace:
                 self._spawn()
         try:
             child.conn.close()
@@ -279,17 +285,19 @@ def _child_main(conn: Any, app: Any, max_tasks: int | None, max_memory_kib: int 
             if soft:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             _in_task = False
-        try:
-            conn.send(outcome)
-        except (OSError, ValueError):
-            break
         done += 1
-        if max_tasks and done >= max_tasks:
-            break
+        # Decide before reporting, so the parent never hands a job to a child about to exit.
+        exiting = bool(max_tasks and done >= max_tasks)
         if max_memory_kib and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > max_memory_kib:
             logging.getLogger("qctl.worker.pool").info(
                 "Pool process %s over --max-memory-per-child (%s KiB): replacing it",
                 os.getpid(), max_memory_kib)
+            exiting = True
+        try:
+            conn.send((outcome, exiting) if exiting else outcome)
+        except (OSError, ValueError):
+            break
+        if exiting:
             break
     app_signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
     logging.shutdown()
