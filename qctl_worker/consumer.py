@@ -456,12 +456,8 @@ class Consumer:
                 results += item[0]
                 acks += item[1]
             try:
-                if results:
-                    self.backend.set_many(results)
-                    results = []
-                if acks:
-                    self.transport.ack(acks)
-                    acks = []
+                self.transport.ack_and_store(acks, self.backend, results)
+                results, acks = [], []
             except Exception as exc:  # noqa: BLE001 - keep them and try again
                 logger.error("Cannot store results / acknowledge messages: %s (retrying)", exc)
                 time.sleep(0.5)

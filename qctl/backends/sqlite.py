@@ -57,17 +57,25 @@ class SqliteBackend(ResultBackend):
         self._db.execute("INSERT OR REPLACE INTO results (task_id, status, data, date_done, expires)"
                          " VALUES (?, ?, ?, ?, ?)", self._row(task_id, data, state, now))
 
+    def ensure_schema(self) -> None:
+        """Create the results table now (first use opens a connection, which creates it)."""
+        self._db.conn()
+
+    def rows(self, items: Iterable[tuple[str, bytes, str]]) -> list[tuple]:
+        now = time.time()
+        return [self._row(task_id, data, state, now) for task_id, data, state in items]
+
+    def insert_rows(self, conn: sqlite3.Connection, rows: list[tuple]) -> None:
+        """Inside the caller's transaction (the broker's ack shares it in the same file)."""
+        conn.executemany("INSERT OR REPLACE INTO results (task_id, status, data, date_done,"
+                         " expires) VALUES (?, ?, ?, ?, ?)", rows)
+        self._cleanup(conn, time.time())
+
     def set_many(self, items: Iterable[tuple[str, bytes, str]]) -> None:
         """All rows in one transaction."""
-        now = time.time()
-        rows = [self._row(task_id, data, state, now) for task_id, data, state in items]
-
-        def run(conn: sqlite3.Connection) -> None:
-            conn.executemany("INSERT OR REPLACE INTO results (task_id, status, data, date_done,"
-                             " expires) VALUES (?, ?, ?, ?, ?)", rows)
-            self._cleanup(conn, now)
+        rows = self.rows(items)
         if rows:
-            self._db.write(run)
+            self._db.write(self.insert_rows, rows)
 
     def get(self, task_id: str) -> bytes | None:
         """The stored data unless expired."""

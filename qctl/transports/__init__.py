@@ -121,6 +121,15 @@ class Transport:
         """Delete these leased messages for good. Idempotent for tags already gone."""
         raise NotImplementedError
 
+    def ack_and_store(self, tags: Sequence[Any], backend: Any,
+                      results: Sequence[tuple[str, bytes, str]]) -> None:
+        """Store ``results`` (``backend.set_many``), then ack ``tags``. A transport that shares
+        its store with the backend may do both in one transaction; never acks first."""
+        if results:
+            backend.set_many(results)
+        if tags:
+            self.ack(tags)
+
     def requeue(self, tags: Iterable[Any]) -> None:
         """Give these leased messages back, deliverable now, marked redelivered."""
         raise NotImplementedError

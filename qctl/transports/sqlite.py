@@ -486,6 +486,25 @@ class SqliteTransport(Transport):
         self._by_tags("DELETE FROM messages WHERE (lease_owner = ? OR lease_owner IS NULL)"
                       " AND id IN (%s)", tags, self.consumer_id)
 
+    def ack_and_store(self, tags: Sequence[Any], backend: Any,
+                      results: Sequence[tuple[str, bytes, str]]) -> None:
+        """With the result table in this same file (the default), one transaction for both."""
+        from ..backends.sqlite import SqliteBackend
+        same_file = isinstance(backend, SqliteBackend) and \
+            os.path.abspath(backend.path) == os.path.abspath(self.path)
+        if not (same_file and results and tags):
+            return super().ack_and_store(tags, backend, results)
+        rows = backend.rows(results)
+        backend.ensure_schema()
+        ids = [int(tag) for tag in tags if tag is not None]
+
+        def run(conn: sqlite3.Connection) -> None:
+            backend.insert_rows(conn, rows)
+            for chunk in _chunks(ids):
+                conn.execute("DELETE FROM messages WHERE (lease_owner = ? OR lease_owner IS NULL)"
+                             f" AND id IN ({_marks(len(chunk))})", (self.consumer_id, *chunk))
+        self._db.write(run)
+
     def requeue(self, tags: Iterable[Any]) -> None:
         """Give our leased messages back, deliverable now, marked redelivered."""
         self._by_tags("UPDATE messages SET lease_owner = NULL, lease_until = NULL, visible_at = ?,"

@@ -11,9 +11,9 @@ import logging
 import multiprocessing
 import os
 import resource
+import selectors
 import signal
 import threading
-from multiprocessing.connection import wait
 from typing import Any
 
 from qctl import signals as app_signals
@@ -172,46 +172,69 @@ class PreforkPool(Pool):
     # -- the reader thread ----------------------------------------------------------------
 
     def _read_loop(self) -> None:
+        # One selector for the pool's life: children are (un)registered as they come and go,
+        # instead of building a new poll set for every wake-up.
+        selector = selectors.DefaultSelector()
+        selector.register(self._wakeup_r, selectors.EVENT_READ, None)
+        watched: dict[_Child, tuple] = {}
         while True:
             with self._lock:
                 children = list(self._children)
             if self._stopping and not any(c.process.is_alive() for c in children):
                 return
-            by_key: dict[Any, _Child] = {}
             for child in children:
-                by_key[child.conn] = child
-                by_key[child.process.sentinel] = child
-            ready = wait(list(by_key) + [self._wakeup_r], timeout=1.0)
-            for key in ready:
-                if key == self._wakeup_r:
+                if child not in watched:
+                    keys = (child.conn.fileno(), child.process.sentinel)
+                    selector.register(keys[0], selectors.EVENT_READ, (child, "conn"))
+                    selector.register(keys[1], selectors.EVENT_READ, (child, "sentinel"))
+                    watched[child] = keys
+            for child in [c for c in watched if c not in children]:
+                for fd in watched.pop(child):
+                    try:
+                        selector.unregister(fd)
+                    except (KeyError, ValueError):
+                        pass
+            for key, _ in selector.select(timeout=1.0):
+                if key.data is None:
                     os.read(self._wakeup_r, 4096)
                     continue
-                child = by_key[key]
-                if key is child.conn:
-                    self._receive(child)
-                elif not child.process.is_alive() or child.process.exitcode is not None:
-                    self._receive(child)  # an outcome may still sit in the pipe
-                    self._reap(child)
+                child, kind = key.data
+                if child not in watched:
+                    continue
+                if kind == "conn":
+                    if not self._receive(child):
+                        self._end(child, selector, watched)
+                elif child.process.exitcode is not None or not child.process.is_alive():
+                    while child.conn.poll(0) and self._receive(child):
+                        pass  # an outcome may still sit in the pipe
+                    self._end(child, selector, watched)
 
-    def _receive(self, child: _Child) -> None:
-        while True:
+    def _end(self, child: _Child, selector: Any, watched: dict) -> None:
+        for fd in watched.pop(child, ()):
             try:
-                if not child.conn.poll():
-                    return
-                message = child.conn.recv()
-            except (EOFError, OSError):
-                return
-            if isinstance(message, tuple) and len(message) == 2 and isinstance(message[0], Outcome):
-                message, exiting = message
-                if exiting:  # recycled after this task: it must not be handed another one
-                    child.retiring = True
-            if isinstance(message, Outcome):
-                with self._lock:
-                    job, child.job = child.job, None
-                if job is not None:
-                    self.on_outcome(job, message)
-                if child.retiring:
-                    self._send_stop(child)
+                selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+        self._reap(child)
+
+    def _receive(self, child: _Child) -> bool:
+        """Read one message from ``child``; False when its pipe is closed (it exited)."""
+        try:
+            message = child.conn.recv()
+        except (EOFError, OSError):
+            return False
+        if isinstance(message, tuple) and len(message) == 2 and isinstance(message[0], Outcome):
+            message, exiting = message
+            if exiting:  # recycled after this task: it must not be handed another one
+                child.retiring = True
+        if isinstance(message, Outcome):
+            with self._lock:
+                job, child.job = child.job, None
+            if job is not None:
+                self.on_outcome(job, message)
+            if child.retiring:
+                self._send_stop(child)
+        return True
 
     def _reap(self, child: _Child) -> None:
         with self._lock:

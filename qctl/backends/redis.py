@@ -1,0 +1,198 @@
+"""Results on Redis (``redis://[:password@]host:port/db``, ``rediss://``), as Celery stores them.
+
+Keys: ``celery-task-meta-<task id>`` holds the task's meta JSON and ``celery-taskset-meta-<group
+id>`` a saved group. Every write is Celery's pair, in one MULTI/EXEC::
+
+    SETEX celery-task-meta-<id> <result_expires> <json>     (SET when result_expires is None/0)
+    PUBLISH celery-task-meta-<id> <json>                     (channel name == key name)
+
+so a Celery client already waiting on the channel wakes up, and a qctl client reads results
+written by Celery workers. Waiting (``wait_for_change``) subscribes to those channels, then
+reads the keys once more so a result stored just before the subscription is not missed; it
+never polls. Options: ``socket_timeout``, ``socket_connect_timeout``, ``max_connections``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Iterable
+
+from ..transports.redis import _INHERITED, Errors, confirm, connect
+from . import ResultBackend
+
+TASK_PREFIX = "celery-task-meta-"
+GROUP_PREFIX = "celery-taskset-meta-"
+_MAX_BLOCK = 5.0          # longest single wait on the socket; below socket_timeout
+_SEEN_LIMIT = 10000       # values remembered per thread for wait_for_change
+
+
+class RedisBackend(ResultBackend):
+    """Celery's Redis result layout: SETEX + PUBLISH, waiting on PUB/SUB."""
+
+    def __init__(self, url: str, app: Any = None, options: dict[str, Any] | None = None) -> None:
+        super().__init__(url, app, options)
+        self._errors = Errors(url, "result backend")
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._local = threading.local()
+        self._pubsubs: list[Any] = []
+        self._redis()                       # bad URLs fail here; nothing is sent yet
+
+    def _redis(self) -> Any:
+        """This process's client (a new one after fork)."""
+        if os.getpid() != self._pid:
+            _INHERITED.append((self._client, self._pubsubs))
+            self._pid, self._client, self._pubsubs = os.getpid(), None, []
+            self._lock, self._local = threading.Lock(), threading.local()
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = connect(self.url, self.options)
+        return self._client
+
+    @staticmethod
+    def key(task_id: str) -> str:
+        return f"{TASK_PREFIX}{task_id}"
+
+    def _write(self, pipe: Any, key: str, data: bytes) -> None:
+        expires = self.expires
+        if expires:
+            if float(expires).is_integer():
+                pipe.setex(key, int(expires), data)          # Celery's exact command
+            else:
+                pipe.psetex(key, max(1, int(float(expires) * 1000)), data)
+        else:
+            pipe.set(key, data)
+        pipe.publish(key, data)
+
+    def _write_many(self, items: Iterable[tuple[str, bytes]]) -> None:
+        items = list(items)
+        if not items:
+            return
+        client = self._redis()
+        with self._errors, client.pipeline(transaction=True) as pipe:
+            for key, data in items:
+                self._write(pipe, key, data)
+            pipe.execute()
+
+    def set(self, task_id: str, data: bytes, state: str) -> None:
+        """SETEX + PUBLISH in one transaction."""
+        self._write_many([(self.key(task_id), data)])
+
+    def set_many(self, items: Iterable[tuple[str, bytes, str]]) -> None:
+        """Every SETEX + PUBLISH pair in one MULTI/EXEC: one round trip."""
+        self._write_many((self.key(task_id), data) for task_id, data, _ in items)
+
+    def _read(self, key: str) -> bytes | None:
+        client = self._redis()
+        with self._errors:
+            value = client.get(key)
+        seen = self._seen()
+        if len(seen) >= _SEEN_LIMIT:
+            seen.clear()
+        seen[key] = value
+        return value
+
+    def get(self, task_id: str) -> bytes | None:
+        """GET the meta (remembered for ``wait_for_change``)."""
+        return self._read(self.key(task_id))
+
+    def delete(self, task_id: str) -> None:
+        """DEL the task's key (or a ``celery-taskset-meta-`` key given whole). Idempotent."""
+        key = task_id if task_id.startswith(GROUP_PREFIX) else self.key(task_id)
+        client = self._redis()
+        with self._errors:
+            client.delete(key)
+
+    def set_raw(self, key: str, data: bytes) -> None:
+        """Store a group meta under its full key, written like a result (SETEX + PUBLISH)."""
+        self._write_many([(key, data)])
+
+    def get_raw(self, key: str) -> bytes | None:
+        return self._read(key)
+
+    # -- waiting --------------------------------------------------------------------------
+
+    def _seen(self) -> dict[str, bytes | None]:
+        if os.getpid() != self._pid:
+            self._redis()
+        seen = getattr(self._local, "seen", None)
+        if seen is None:
+            seen = self._local.seen = {}
+        return seen
+
+    def _subscription(self) -> tuple[Any, set[str]]:
+        state = getattr(self._local, "pubsub", None)
+        if state is None:
+            pubsub = self._redis().pubsub()
+            state = self._local.pubsub = (pubsub, set())
+            with self._lock:
+                self._pubsubs.append(pubsub)
+        return state
+
+    def _drop_subscription(self) -> None:
+        state = getattr(self._local, "pubsub", None)
+        self._local.pubsub = None
+        if state is not None:
+            try:
+                state[0].close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+
+    def wait_for_change(self, task_ids: list[str], timeout: float) -> None:
+        """Until a result of one of ``task_ids`` is published (or was stored since this
+        thread last read it), or ``timeout`` s pass."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        keys = {self.key(t) for t in task_ids}
+        seen = self._seen()
+        with self._errors:
+            try:
+                pubsub, channels = self._subscription()
+                stale, new = channels - keys, keys - channels
+                if stale:
+                    pubsub.unsubscribe(*stale)
+                    channels -= stale
+                if new:
+                    ordered = sorted(new)
+                    pubsub.subscribe(*ordered)
+                    confirm(pubsub, new)
+                    channels |= new
+                    # Subscribed now: a result stored before this is in the key.
+                    values = self._redis().mget(ordered)
+                    if any(value != seen.get(key) for key, value in zip(ordered, values)):
+                        return
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    message = pubsub.get_message(timeout=min(left, _MAX_BLOCK))
+                    if message is not None and message["type"] == "message":
+                        channel = message["channel"]
+                        channel = channel.decode() if isinstance(channel, bytes) else channel
+                        if channel in keys:
+                            return
+            except BaseException:
+                self._drop_subscription()
+                raise
+
+    def close(self) -> None:
+        """Close this process's connections. Idempotent."""
+        if os.getpid() != self._pid:
+            self._redis()
+            return
+        with self._lock:
+            pubsubs, self._pubsubs = self._pubsubs, []
+            client = self._client
+        self._local = threading.local()
+        for pubsub in pubsubs:
+            try:
+                pubsub.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if client is not None:
+            try:
+                client.connection_pool.disconnect()
+            except Exception:  # noqa: BLE001
+                pass
