@@ -189,12 +189,15 @@ class WorkerProcess:
 class Project:
     """A temporary project folder with the test app, a broker file and its workers."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, broker_url: str | None = None,
+                 backend_url: str | None = None) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         shutil.copy(APPS / "proj.py", self.path / "proj.py")
         self.db_path = self.path / "broker.sqlite3"
-        self.broker_url = f"sqlite:///{self.db_path}"      # absolute: sqlite:////tmp/...
+        # absolute: sqlite:////tmp/...; other brokers (redis, amqp) come from the session's servers
+        self.broker_url = broker_url or f"sqlite:///{self.db_path}"
+        self.backend_url = backend_url or self.broker_url
         self.workers: list[WorkerProcess] = []
         self._apps: list[Any] = []
         self._count = 0
@@ -207,6 +210,7 @@ class Project:
         env.update({
             "PYTHONPATH": os.pathsep.join(pythonpath),
             "QCTL_BROKER_URL": self.broker_url,
+            "QCTL_RESULT_BACKEND": self.backend_url,
             "PROJ_RECORD_DIR": str(self.path),
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
@@ -244,7 +248,7 @@ class Project:
             if os.environ.get(name):
                 raise RuntimeError(f"{name} is set in the test process; it would redirect the client")
         settings.setdefault("task_routes", PROJ_ROUTES)
-        app = App("proj", broker=self.broker_url, backend=self.broker_url,
+        app = App("proj", broker=self.broker_url, backend=self.backend_url,
                   set_as_current=False, **settings)
         self._apps.append(app)
         return app
@@ -307,3 +311,16 @@ def start_worker(tmp_project):
 @pytest.fixture
 def client_app(tmp_project):
     return tmp_project.client()
+
+
+@pytest.fixture(params=["sqlite", "redis", "amqp"])
+def broker_project(request, tmp_path, _clean_qctl_env):
+    """A project on each broker in turn (servers: once per session, see ``_server_url``)."""
+    kind = request.param
+    if kind == "sqlite":
+        project = Project(tmp_path / "proj")
+    else:
+        broker, backend = request.getfixturevalue(f"{kind}_urls")
+        project = Project(tmp_path / "proj", broker, backend)
+    yield project
+    project.close()

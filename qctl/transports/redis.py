@@ -369,9 +369,8 @@ for qi = 0, nq - 1 do
         local di = msg.properties.delivery_info
         if type(di) == 'table' then ex, rk = di.exchange, di.routing_key end
       end
-      if type(tag) ~= 'string' or tag == '' or taken(tag) then
-        repeat tag = 'qctl-' .. redis.call('INCR', K_SEQ) until not taken(tag)
-      end
+      if type(tag) ~= 'string' or tag == '' then tag = 'qctl-' .. redis.sha1hex(raw) end  -- stable
+      while taken(tag) do tag = 'qctl-' .. redis.call('INCR', K_SEQ) end
       if type(ex) ~= 'string' then ex = '' end
       if type(rk) ~= 'string' then rk = queue_of(key) end
       if msg then
