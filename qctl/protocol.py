@@ -161,6 +161,8 @@ class TaskMessage:
     kwargs: dict[str, Any] = field(default_factory=dict)
     embed: dict[str, Any] = field(default_factory=dict)
     body_decoded: bool = False
+    eta: float | None = None        # UNIX times, parsed once from the headers
+    expires: float | None = None
 
     @property
     def id(self) -> str:
@@ -212,7 +214,10 @@ def read_headers(envelope: Envelope, accept: Iterable[str] | frozenset[str] | No
                    "retries": body.get("retries", 0), "timelimit": body.get("timelimit") or [None, None],
                    "group": body.get("taskset"), "root_id": body["id"], "parent_id": None,
                    "argsrepr": saferepr(body.get("args")), "kwargsrepr": saferepr(body.get("kwargs"))}
-        message = TaskMessage(headers=headers, envelope=envelope)
+        eta, expires = parse_iso(headers.get("eta")), parse_iso(headers.get("expires"))
+        message = TaskMessage(headers=headers, envelope=envelope,
+                              eta=eta.timestamp() if eta else None,
+                              expires=expires.timestamp() if expires else None)
         message.args, message.kwargs = list(body.get("args") or []), dict(body.get("kwargs") or {})
         message.embed = {k: body.get(k) for k in ("callbacks", "errbacks", "chain", "chord")}
         message.body_decoded = True
@@ -229,9 +234,9 @@ def read_headers(envelope: Envelope, accept: Iterable[str] | frozenset[str] | No
     retries = headers.get("retries", 0)
     if retries is not None and not isinstance(retries, int):
         raise InvalidTaskError("the 'retries' header is not an integer")
-    for key in ("eta", "expires"):
-        parse_iso(headers.get(key))
-    return TaskMessage(headers=headers, envelope=envelope)
+    eta, expires = parse_iso(headers.get("eta")), parse_iso(headers.get("expires"))
+    return TaskMessage(headers=headers, envelope=envelope, eta=eta.timestamp() if eta else None,
+                       expires=expires.timestamp() if expires else None)
 
 
 __all__ = ["build_task_message", "read_headers", "TaskMessage", "DecodeError", "utcnow",

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from qctl import states
 from qctl.exceptions import (ContentDisallowed, DecodeError, InvalidTaskError, NotRegistered,
                              OperationalError, TaskRevokedError, TimeLimitExceeded, WorkerLostError)
-from qctl.protocol import parse_iso, read_headers
+from qctl.protocol import read_headers
 from qctl.result import exception_to_meta
 from qctl.serialization import accepted_content_types
 from qctl.trace import Outcome, utcnow_iso
@@ -68,6 +68,8 @@ class Consumer:
         self._hub: threading.Thread | None = None
         self._hub_done = threading.Event()
         self._broker_down_logged = False
+        # Checked once: at WARNING (the default) the per-task lines cost nothing at all.
+        self.log_info = logger.isEnabledFor(logging.INFO)
 
     # -- threads --------------------------------------------------------------------------
 
@@ -211,7 +213,7 @@ class Consumer:
         if task_id in self.state.revoked:
             self._discard(delivery, headers, "revoked")
             return
-        if self._expired(headers):
+        if message.expires is not None and message.expires < time.time():
             self._discard(delivery, headers, "expired")
             return
         hard, soft = (headers.get("timelimit") or [None, None])
@@ -225,19 +227,15 @@ class Consumer:
                   hostname=self.hostname,
                   soft_time_limit=soft or override[0] or task.soft_time_limit or self.worker.soft_time_limit,
                   time_limit=hard or override[1] or task.time_limit or self.worker.time_limit,
-                  accept=self.accept, delivery=delivery)
-        logger.info("Task %s[%s] received", headers.get("shadow") or name, task_id)
-        eta = parse_iso(headers.get("eta"))
-        delay = (eta.timestamp() - time.time()) if eta else 0.0
+                  accept=self.accept, delivery=delivery, expires_at=message.expires)
+        if self.log_info:
+            logger.info("Task %s[%s] received", headers.get("shadow") or name, task_id)
+        delay = (message.eta - time.time()) if message.eta else 0.0
         if delay > 0.001:
             self.scheduled[job.seq] = job
             self.call_at(time.monotonic() + delay, lambda: self._eta_due(job))
         else:
             self._admit(job)
-
-    def _expired(self, headers: dict) -> bool:
-        expires = parse_iso(headers.get("expires"))
-        return expires is not None and expires.timestamp() < time.time()
 
     def _discard(self, delivery: Any, headers: dict, why: str) -> None:
         logger.info("Discarding revoked task: %s[%s] (%s)", headers["task"], headers["id"], why)
@@ -300,7 +298,7 @@ class Consumer:
             if job.task_id in self.state.revoked:
                 self._discard(job.delivery, headers, "revoked")
                 continue
-            if self._expired(headers):
+            if job.expires_at is not None and job.expires_at < time.time():
                 self._discard(job.delivery, headers, "expired")
                 continue
             task = self.app.tasks[job.task_name]
@@ -338,8 +336,9 @@ class Consumer:
         if outcome.meta is not None:
             self._results.append((job.task_id, outcome.meta, state))
         if state == states.SUCCESS:
-            logger.info("Task %s[%s] succeeded in %.6fs: %s", name, job.task_id, outcome.runtime,
-                        outcome.summary)
+            if self.log_info:
+                    logger.info("Task %s[%s] succeeded in %.6fs: %s", name, job.task_id,
+                            outcome.runtime, outcome.summary)
         elif state == states.FAILURE:
             if outcome.expected:
                 logger.info("Task %s[%s] raised expected: %s", name, job.task_id, outcome.summary)

@@ -39,6 +39,7 @@ class Job:
     time_limit: float | None = None
     accept: frozenset[str] = field(default_factory=frozenset)
     # Main-process bookkeeping, never sent to a child:
+    expires_at: float | None = None
     delivery: Any = field(default=None, repr=False, compare=False)
     started: float = 0.0
     worker_pid: int | None = None

@@ -95,7 +95,7 @@ _WRITE_LOCKS_GUARD = threading.Lock()
 
 
 def write_lock(path: str) -> threading.Lock:
-    key = (os.getpid(), os.path.abspath(path))
+    key = (os.getpid(), path)
     lock = _WRITE_LOCKS.get(key)
     if lock is None:
         with _WRITE_LOCKS_GUARD:
@@ -166,6 +166,7 @@ class Database:
 
     def __init__(self, path: str, options: dict[str, Any], schema: str, what: str = "broker") -> None:
         self.path = path
+        self._lock_key = os.path.abspath(path)
         self.options = options
         self.schema = schema
         self.what = what
@@ -233,7 +234,7 @@ class Database:
         """One autocommit statement (atomic on its own)."""
         def attempt() -> sqlite3.Cursor:
             conn = self.conn()
-            with write_lock(self.path):
+            with write_lock(self._lock_key):
                 return conn.execute(sql, params)
         return self._retrying(attempt)
 
@@ -241,7 +242,7 @@ class Database:
         """Run ``fn(conn, *args)`` in one ``BEGIN IMMEDIATE`` transaction and commit it."""
         def attempt() -> Any:
             conn = self.conn()
-            with write_lock(self.path):
+            with write_lock(self._lock_key):
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     result = fn(conn, *args)

@@ -10,6 +10,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import pickle
 import resource
 import selectors
 import signal
@@ -24,6 +25,13 @@ from ..execution import TIME_LIMIT, WORKER_LOST, Job, execute
 from . import Pool
 
 logger = logging.getLogger("qctl.worker.pool")
+
+
+def _dumps(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+_loads = pickle.loads
 _PR_SET_PDEATHSIG = 1
 
 
@@ -95,7 +103,7 @@ class PreforkPool(Pool):
             child.job = job
             job.worker_pid = child.pid
         try:
-            child.conn.send(job.for_child())
+            child.conn.send_bytes(_dumps(job.for_child()))
         except (OSError, ValueError):
             pass  # the child is gone: the reader reports the job as lost
 
@@ -132,7 +140,7 @@ class PreforkPool(Pool):
 
     def _send_stop(self, child: _Child) -> None:
         try:
-            child.conn.send(None)
+            child.conn.send_bytes(_dumps(None))
         except (OSError, ValueError):
             pass
 
@@ -220,7 +228,7 @@ class PreforkPool(Pool):
     def _receive(self, child: _Child) -> bool:
         """Read one message from ``child``; False when its pipe is closed (it exited)."""
         try:
-            message = child.conn.recv()
+            message = _loads(child.conn.recv_bytes())
         except (EOFError, OSError):
             return False
         if isinstance(message, tuple) and len(message) == 2 and isinstance(message[0], Outcome):
@@ -293,7 +301,7 @@ def _child_main(conn: Any, app: Any, max_tasks: int | None, max_memory_kib: int 
     done = 0
     while True:
         try:
-            job = conn.recv()
+            job = _loads(conn.recv_bytes())
         except (EOFError, OSError, KeyboardInterrupt):
             break
         if job is None:
@@ -317,7 +325,7 @@ def _child_main(conn: Any, app: Any, max_tasks: int | None, max_memory_kib: int 
                 os.getpid(), max_memory_kib)
             exiting = True
         try:
-            conn.send((outcome, exiting) if exiting else outcome)
+            conn.send_bytes(_dumps((outcome, exiting) if exiting else outcome))
         except (OSError, ValueError):
             break
         if exiting:
