@@ -86,10 +86,14 @@ class Consumer:
         backoff = 0.1
         # Fetch when at least half the window is free: one broker round trip then leases a
         # batch, instead of one message per round trip when the pool runs at full speed.
+        # When the last fetch drained the queue, fetch again as soon as any slot is free:
+        # messages that trickle in must not wait for half the window to empty.
         low_water = self.window - max(1, self.window // 2)
+        drained = True
         while self.consuming.is_set():
             with self._window:
-                while self._reserved > low_water and self.consuming.is_set():
+                limit = self.window - 1 if drained else low_water
+                while self._reserved > limit and self.consuming.is_set():
                     self._window.wait(0.5)
                 free = self.window - self._reserved
             if not self.consuming.is_set():
@@ -107,6 +111,7 @@ class Consumer:
                 logger.info("Connected to the broker again")
                 self._broker_down_logged = False
             backoff = 0.1
+            drained = len(deliveries) < free
             if deliveries:
                 with self._window:
                     self._reserved += len(deliveries)

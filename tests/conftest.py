@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.helpers import open_gate, read_runs, wait_for  # noqa: E402
+from tests.servers_redis import flushdb, redis_server, with_db  # noqa: E402,F401 - fixtures
 
 APPS = ROOT / "tests" / "apps"
 CLI_WORKER = ROOT / "qctl" / "cli" / "worker.py"
@@ -324,3 +325,12 @@ def broker_project(request, tmp_path, _clean_qctl_env):
         project = Project(tmp_path / "proj", broker, backend)
     yield project
     project.close()
+
+
+@pytest.fixture
+def redis_urls(redis_server):
+    """(broker, result backend) on two freshly emptied databases of the session's server."""
+    broker, backend = with_db(redis_server, 14), with_db(redis_server, 15)
+    flushdb(broker)
+    flushdb(backend)
+    return broker, backend

@@ -3,8 +3,9 @@
 - ``start_redis(tmpdir, port=None, password=None) -> (url, process)`` starts one and waits
   until it answers PING; ``stop_redis(process)`` stops it (by its own PID only).
 - ``redis_server`` (session fixture) and ``redis_url`` (function fixture) can be imported
-  into a test module or ``tests/conftest.py``: one server per session, and every test gets a
-  URL on a database that was just FLUSHDB-ed (db 1..15 in turn, so db numbers vary).
+  into a test module or ``tests/conftest.py`` (``from tests.servers_redis import redis_server,
+  redis_url``): one server per session, and every test gets a URL on a database that was just
+  FLUSHDB-ed (db 1..15 in turn, so db numbers vary).
 
 Without ``redis-server`` on PATH the tests are skipped, except in CI (``CI=true``) where
 that is a failure.
@@ -18,7 +19,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -114,14 +115,18 @@ def flushdb(url: str) -> None:
 
 
 _DBS = itertools.cycle(range(1, 16))
+#: The session's server, shared by every module that imports the fixtures (each import makes
+#: its own fixture definition; they must not start a server each).
+_SHARED: dict[str, Any] = {}
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> Iterator[str]:
     """One ``redis-server`` for the session; yields its db-0 URL."""
-    url, process = start_redis(tmp_path_factory.mktemp("redis"))
-    yield url
-    stop_redis(process)
+    if "process" not in _SHARED or _SHARED["process"].poll() is not None:
+        _SHARED["url"], _SHARED["process"] = start_redis(tmp_path_factory.mktemp("redis"))
+    yield _SHARED["url"]
+    stop_redis(_SHARED["process"])
 
 
 @pytest.fixture

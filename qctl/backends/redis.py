@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from typing import Any, Iterable
 
 from ..transports.redis import _INHERITED, Errors, confirm, connect
@@ -37,14 +38,14 @@ class RedisBackend(ResultBackend):
         self._lock = threading.Lock()
         self._client: Any = None
         self._local = threading.local()
-        self._pubsubs: list[Any] = []
+        self._pubsubs: weakref.WeakSet[Any] = weakref.WeakSet()   # die with their thread
         self._redis()                       # bad URLs fail here; nothing is sent yet
 
     def _redis(self) -> Any:
         """This process's client (a new one after fork)."""
         if os.getpid() != self._pid:
-            _INHERITED.append((self._client, self._pubsubs))
-            self._pid, self._client, self._pubsubs = os.getpid(), None, []
+            _INHERITED.append((self._client, list(self._pubsubs)))
+            self._pid, self._client, self._pubsubs = os.getpid(), None, weakref.WeakSet()
             self._lock, self._local = threading.Lock(), threading.local()
         if self._client is None:
             with self._lock:
@@ -60,9 +61,9 @@ class RedisBackend(ResultBackend):
         expires = self.expires
         if expires:
             if float(expires).is_integer():
-                pipe.setex(key, int(expires), data)          # Celery's exact command
+                pipe.execute_command("SETEX", key, int(expires), data)    # Celery's command
             else:
-                pipe.psetex(key, max(1, int(float(expires) * 1000)), data)
+                pipe.execute_command("PSETEX", key, max(1, int(float(expires) * 1000)), data)
         else:
             pipe.set(key, data)
         pipe.publish(key, data)
@@ -129,7 +130,7 @@ class RedisBackend(ResultBackend):
             pubsub = self._redis().pubsub()
             state = self._local.pubsub = (pubsub, set())
             with self._lock:
-                self._pubsubs.append(pubsub)
+                self._pubsubs.add(pubsub)
         return state
 
     def _drop_subscription(self) -> None:
@@ -183,7 +184,7 @@ class RedisBackend(ResultBackend):
             self._redis()
             return
         with self._lock:
-            pubsubs, self._pubsubs = self._pubsubs, []
+            pubsubs, self._pubsubs = list(self._pubsubs), weakref.WeakSet()
             client = self._client
         self._local = threading.local()
         for pubsub in pubsubs:

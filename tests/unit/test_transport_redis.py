@@ -196,7 +196,7 @@ def test_restore_inserts_kombus_flags_and_keeps_every_byte_else(make, r):
     assert again.envelope.headers == {"redelivered": True, **headers}
 
 
-def test_restore_goes_to_the_front_requeue_to_the_back(make):
+def test_given_back_messages_keep_their_place(make):
     a = make(visibility_timeout=0.2)
     for n in range(3):
         a.publish("q", env(str(n).encode()))
@@ -204,13 +204,13 @@ def test_restore_goes_to_the_front_requeue_to_the_back(make):
     a.publish("q", env(b"3"))
     wait_until(lambda: a.restore_expired())
     assert bodies(a.fetch(["q"], 10, 0)) == [b"0", b"1", b"2", b"3"]
-    b = make()
-    b.publish("r", env(b"x"))
-    b.publish("r", env(b"y"))
-    [x] = b.fetch(["r"], 1, 0)
-    b.requeue([x.tag])
-    assert bodies(b.fetch(["r"], 10, 0)) == [b"y", b"x"]
     assert first[0].tag != first[1].tag
+    b = make()
+    for body in (b"x", b"y", b"z"):
+        b.publish("r", env(body))
+    x, y = b.fetch(["r"], 2, 0)
+    b.requeue([y.tag, x.tag])
+    assert bodies(b.fetch(["r"], 10, 0)) == [b"x", b"y", b"z"]
 
 
 def test_renew_moves_lease_and_unacked_index(make, r):
@@ -235,6 +235,25 @@ def test_duplicate_delivery_tag_gets_its_own_handle(make, r):
     assert r.hlen("unacked") == 2
     t.ack([first.tag, second.tag])
     assert r.hlen("unacked") == 0 and r.llen("q") == 0
+
+
+def test_messages_from_a_celery_client_are_found_without_notification(make, r):
+    t = make()
+    t.fetch(["celery"], 1, 0)
+
+    def celery_client_sends(delay):
+        threading.Timer(delay, lambda: r.lpush("celery", CAPTURED)).start()
+    celery_client_sends(0.1)
+    started = time.monotonic()
+    [first] = t.fetch(["celery"], 1, 5.0)
+    assert time.monotonic() - started < 1.5          # the idle re-check (1 s)
+    t.ack([first.tag])
+    for _ in range(3):                               # now polled every 0.05 s for a while
+        celery_client_sends(0.1)
+        started = time.monotonic()
+        [d] = t.fetch(["celery"], 1, 5.0)
+        assert time.monotonic() - started < 0.4
+        t.ack([d.tag])
 
 
 # -- leases and dead consumers -------------------------------------------------------------
@@ -289,6 +308,18 @@ def test_ack_of_a_lost_lease_does_not_touch_the_new_holder(make, r):
     b.ack([again.tag])
 
 
+def test_idle_waiters_go_away_with_their_threads(make):
+    import gc
+    t = make()
+    threads = [threading.Thread(target=t.fetch, args=(["q"], 1, 0.2)) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    gc.collect()
+    assert len(t._waiters) == 0                      # their PUB/SUB connections were released
+
+
 # -- ETA ------------------------------------------------------------------------------------
 
 def test_eta_waits_in_the_delayed_zset(make, r):
@@ -340,6 +371,22 @@ def test_garbage_entries_become_deliveries_with_an_error(make, r):
     assert t.requeue_dead([letters[0].id]) == 1
     assert r.lrange("q", 0, -1) == [junk[0]]
     assert r.llen("qctl.dead") == 4
+
+
+def test_only_valid_utf8_counts_as_kombu_json(make, r):
+    t = make()
+    good = '{"body": "\u00e9\u4e2d\U0001f600", "headers": {}, "properties": {}}'.encode()
+    bad = [b'{"body": "x\xc3", "headers": {}, "properties": {}}',           # truncated
+           b'{"body": "\xc0\xaf", "headers": {}, "properties": {}}',         # overlong
+           b'{"body": "\xed\xa0\x80", "headers": {}, "properties": {}}',     # surrogate
+           b'{"body": "\xf4\x90\x80\x80", "headers": {}, "properties": {}}',  # > U+10FFFF
+           b'{"body": "\x80", "headers": {}, "properties": {}}']              # stray byte
+    for item in [good, *bad]:
+        r.lpush("q", item)
+    first, *rest = t.fetch(["q"], 10, 0)
+    assert first.error is None and first.envelope.body == "\u00e9\u4e2d\U0001f600".encode()
+    assert [d.raw for d in rest] == bad and all("kombu" in d.error for d in rest)
+    assert r.hlen("unacked") == 1                    # only valid JSON in kombu's hash
 
 
 # -- broadcast and mailboxes -----------------------------------------------------------------
@@ -416,9 +463,14 @@ def test_operational_error_while_down_and_recovery_on_the_same_port(tmp_path):
         t.ping()
         t.publish("q", env(b"after"))
         assert bodies(t.fetch(["q"], 5, 1.0)) == [b"after"]         # no persistence: new data
-        t.broadcast("ctl", b"hello")
-        assert wait_until(lambda: sub.get(0.2) or (t.broadcast("ctl", b"hello"), None)[1]) \
-            == [b"hello"]
+
+        def resubscribed():               # the subscription reconnects on the next get
+            t.broadcast("ctl", b"hello")
+            try:
+                return sub.get(0.2)
+            except OperationalError:
+                return None
+        assert wait_until(resubscribed)[0] == b"hello"
     finally:
         t.close()
         stop_redis(server)
