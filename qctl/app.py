@@ -236,6 +236,9 @@ class App:
             chain=chain, chord=chord, ignore_result=bool(ignore_result),
             headers=options.get("headers"), reply_to=reply_to, priority=route.get("priority"),
             serializer=serializer, compression=options.get("compression") or conf.task_compression)
+        on_task_call = getattr(self.backend, "on_task_call", None)
+        if on_task_call is not None:  # rpc://: the reply queue must exist before any reply
+            on_task_call(task_id)
         signals.before_task_publish.send(sender=name, body=None, headers=envelope.headers,
                                          routing_key=route.get("routing_key"))
         self.publish(envelope, route, retry=options.get("retry"),

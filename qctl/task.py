@@ -257,6 +257,7 @@ class Task:
             "chord": request.chord, "chain": request.chain,
             "link": request.callbacks, "link_error": request.errbacks,
             "expires": request.expires, "shadow": request.shadow,
+            "reply_to": request.reply_to,  # rpc:// results go back to the original caller
             "time_limit": (request.timelimit or [None, None])[0],
             "soft_time_limit": (request.timelimit or [None, None])[1],
             "priority": (delivery.get("priority") if delivery else None),

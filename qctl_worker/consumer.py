@@ -70,6 +70,7 @@ class Consumer:
         self._broker_down_logged = False
         # Checked once: at WARNING (the default) the per-task lines cost nothing at all.
         self.log_info = logger.isEnabledFor(logging.INFO)
+        self.remember_reply_to = getattr(self.backend, "remember_reply_to", None)
 
     # -- threads --------------------------------------------------------------------------
 
@@ -207,6 +208,8 @@ class Consumer:
             return
         headers = message.headers
         name, task_id = message.name, message.id
+        if self.remember_reply_to is not None:  # rpc://: results go to the client's queue
+            self.remember_reply_to(task_id, envelope.properties.get("reply_to"))
         try:
             task = self.app.tasks[name]
         except NotRegistered:

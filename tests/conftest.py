@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.helpers import open_gate, read_runs, wait_for  # noqa: E402
+from tests.servers_rabbit import launch_session_rabbit, rabbit  # noqa: E402,F401 - fixture
 from tests.servers_redis import flushdb, redis_server, with_db  # noqa: E402,F401 - fixtures
 
 APPS = ROOT / "tests" / "apps"
@@ -334,3 +335,28 @@ def redis_urls(redis_server):
     flushdb(broker)
     flushdb(backend)
     return broker, backend
+
+
+def pytest_collection_finish(session):
+    """RabbitMQ takes seconds to boot: start it as soon as a selected test may need it."""
+    if any("amqp" in item.nodeid or "rpc" in item.nodeid or "interop" in item.nodeid
+           for item in session.items):
+        import tempfile
+        launch_session_rabbit(tempfile.mkdtemp(prefix="qctl-rabbit-"))
+
+
+@pytest.fixture
+def amqp_urls(rabbit):
+    """(broker, result backend): the session's RabbitMQ node, results over rpc://."""
+    from qctl.transports.amqp import AmqpTransport
+    transport = AmqpTransport(rabbit.url)
+    try:  # what earlier tests left in the default queues must not reach this one's workers
+        for queue in ("celery", "other", "third"):
+            try:
+                transport.purge(queue)
+            except Exception:  # noqa: BLE001 - not declared yet
+                pass
+        transport.purge_dead()
+    finally:
+        transport.close()
+    return rabbit.url, "rpc://"
