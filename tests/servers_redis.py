@@ -60,9 +60,10 @@ def _answers(port: int, password: str | None) -> bool:
 
 
 def start_redis(tmpdir: str | os.PathLike, port: int | None = None,
-                password: str | None = None) -> tuple[str, subprocess.Popen]:
+                password: str | None = None, durable: bool = False) -> tuple[str, subprocess.Popen]:
     """Start ``redis-server`` with its files in ``tmpdir``; returns (``redis://`` URL for db 0,
-    process) once it answers PING. Retries on another port if a random one was taken."""
+    process) once it answers PING. Retries on another port if a random one was taken.
+    ``durable``: an append-only file synced at every write, so a restart keeps every message."""
     binary = redis_server_binary()
     folder = Path(tmpdir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,8 +72,10 @@ def start_redis(tmpdir: str | os.PathLike, port: int | None = None,
     for attempt in range(attempts):
         chosen = port if port is not None else free_port()
         log_path = folder / f"redis-{chosen}.log"
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if durable else \
+            ["--appendonly", "no"]
         args = [binary, "--port", str(chosen), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(folder), "--daemonize", "no",
+                *persistence, "--dir", str(folder), "--daemonize", "no",
                 "--protected-mode", "yes", "--logfile", str(log_path)]
         if password:
             args += ["--requirepass", password]
