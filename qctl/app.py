@@ -216,11 +216,10 @@ class App:
         from .result import AsyncResult
         conf = self.conf
         task_id = task_id or str(uuid.uuid4())
-        if parent_id is None or root_id is None:
-            parent = _running_request()
-            if parent is not None and parent.id:
-                parent_id = parent_id or parent.id
-                root_id = root_id or parent.root_id or parent.id
+        parent = _running_request()
+        if parent is not None and parent.id and (parent_id is None or root_id is None):
+            parent_id = parent_id or parent.id
+            root_id = root_id or parent.root_id or parent.id
         route = (router or self.router).route(options, route_name or name, args, kwargs, task=_task)
         serializer = options.get("serializer") or conf.task_serializer
         ignore_result = options.get("ignore_result")
@@ -238,14 +237,21 @@ class App:
             serializer=serializer, compression=options.get("compression") or conf.task_compression)
         on_task_call = getattr(self.backend, "on_task_call", None)
         if on_task_call is not None:  # rpc://: the reply queue must exist before any reply
-            on_task_call(task_id)
+            try:
+                on_task_call(task_id)
+            except OperationalError:
+                pass  # the broker is down: the publish below retries by policy, then raises
         signals.before_task_publish.send(sender=name, body=None, headers=envelope.headers,
                                          routing_key=route.get("routing_key"))
         self.publish(envelope, route, retry=options.get("retry"),
                      retry_policy=options.get("retry_policy"))
         signals.after_task_publish.send(sender=name, headers=envelope.headers,
                                         routing_key=route.get("routing_key"))
-        return (result_cls or AsyncResult)(task_id, app=self, task_name=name)
+        result = (result_cls or AsyncResult)(task_id, app=self, task_name=name)
+        children = getattr(parent, "children", None)
+        if add_to_parent and children is not None and task_id != getattr(parent, "id", None):
+            children.append(result)  # the running task's stored result lists what it sent
+        return result
 
     def publish(self, envelope: Any, route: dict[str, Any], retry: bool | None = None,
                 retry_policy: dict[str, Any] | None = None) -> None:
@@ -254,6 +260,10 @@ class App:
         queue = route["queue"]
         exchange = route.get("exchange") or ""
         routing_key = route.get("routing_key") or queue.name
+        queue_exchange = getattr(queue, "exchange", None)
+        if getattr(queue_exchange, "type", "direct") == "direct" and routing_key == queue.name \
+                and exchange in ("", getattr(queue_exchange, "name", "")):
+            exchange = ""  # Celery's anonymous exchange: straight to the queue, no binding lookup
         transport = self.transport
         if exchange and hasattr(self.router, "resolve_exchange") and not getattr(transport, "has_exchanges", False):
             names = self.router.resolve_exchange(exchange, routing_key) or [queue.name]

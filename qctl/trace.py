@@ -79,7 +79,7 @@ def build_context(headers: dict[str, Any], args: list, kwargs: dict, embed: dict
         errbacks=embed.get("errbacks"), chain=embed.get("chain"), headers=headers,
         origin=headers.get("origin"), is_eager=is_eager, shadow=headers.get("shadow"),
         ignore_result=headers.get("ignore_result", False), properties=properties or {},
-        stamps=headers.get("stamps"),
+        stamps=headers.get("stamps"), children=[],
     )
 
 
@@ -123,8 +123,9 @@ class Tracer:
 
     def _meta(self, status: str, result: Any, traceback: str | None, ready: bool) -> dict[str, Any]:
         request = self.request
+        children = [child.as_tuple() for child in (getattr(request, "children", None) or ())]
         meta: dict[str, Any] = {"status": status, "result": result, "traceback": traceback,
-                                "children": [], "date_done": utcnow_iso() if ready else None}
+                                "children": children, "date_done": utcnow_iso() if ready else None}
         if request.group:
             meta["group_id"] = request.group
         if request.parent_id:
@@ -139,9 +140,8 @@ class Tracer:
     def _finish_meta(self, meta: dict[str, Any] | None, follow_ups: bool) -> bytes | None:
         if meta is None:
             return None
-        if self.store is not None or follow_ups:
-            # Follow-up tasks may read this result: it must be stored before they are sent.
-            (self.store or self.task.app.backend.store_result)(self.request.id, meta)
+        if self.store is not None:
+            self.store(self.request.id, meta)
             return None
         return self.task.app.backend.encode(meta)
 
@@ -151,14 +151,15 @@ class Tracer:
         self.value = value
         ignore = task.ignore_result or request.ignore_result
         follow_ups = bool(request.callbacks or request.chain or request.chord)
+        if follow_ups and not request.is_eager:
+            # Sent first, as Celery does, so the stored result lists them as children.
+            from .canvas import send_follow_ups
+            send_follow_ups(task, request, value)
         meta = None if ignore else self._meta(states.SUCCESS, value, None, True)
         try:
             encoded = self._finish_meta(meta, follow_ups)
         except Exception as exc:  # e.g. the value cannot be serialized
             return self.failed(exc)
-        if follow_ups and not request.is_eager:
-            from .canvas import send_follow_ups
-            send_follow_ups(task, request, value)
         task.on_success(value, request.id, tuple(request.args), request.kwargs or {})
         task.after_return(states.SUCCESS, value, request.id, tuple(request.args),
                           request.kwargs or {}, None)

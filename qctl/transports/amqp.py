@@ -80,6 +80,30 @@ import pika.exceptions as pex
 from ..exceptions import ImproperlyConfigured, OperationalError
 from . import DeadLetter, Delivery, Envelope, Subscription, Transport
 
+
+def _read_floats_as_floats() -> None:
+    """pika 1.4 decodes AMQP float and double field values with ``int()``: a Celery client's
+    ``timelimit`` of ``[10, 0.5]`` would arrive as ``[10, 0]`` (no soft limit). Decode them
+    as floats; every other field type is left to pika."""
+    import struct
+    import pika.data as data
+    if getattr(data.decode_value, "qctl_floats", False):
+        return
+    original = data.decode_value
+
+    def decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
+        kind = encoded[offset:offset + 1]
+        if kind == b"d":
+            return struct.unpack_from(">d", encoded, offset + 1)[0], offset + 9
+        if kind == b"f":
+            return struct.unpack_from(">f", encoded, offset + 1)[0], offset + 5
+        return original(encoded, offset)
+    decode_value.qctl_floats = True  # type: ignore[attr-defined]
+    data.decode_value = decode_value
+
+
+_read_floats_as_floats()
+
 DEAD_QUEUE = "qctl.dead"
 LEVELS = 32
 DELAY_EXCHANGE = "qctl.delayed.{}"

@@ -37,8 +37,10 @@ re-encodes JSON: its cjson loses number precision and empty arrays).
 
 Options (``broker_transport_options``): ``visibility_timeout`` (lease seconds), ``poll_interval``,
 ``idle_poll_interval``, ``socket_timeout`` (10), ``socket_connect_timeout`` (5),
-``max_connections``, ``delayed_delivery`` (True; False sends ETA messages straight to the list
-as Celery does, for queues only Celery workers consume). Not supported: Redis Cluster,
+``max_connections``, ``delayed_delivery`` (False: ETA messages go on the list as Celery sends
+them, so Celery workers on the same queue see them, and a qctl worker that fetches one before
+its ETA moves it into ``qctl.delayed.<queue>`` instead of holding it; True: qctl clients
+put them in the delayed set directly, for fleets of qctl workers only). Not supported: Redis Cluster,
 Sentinel, kombu's ``global_keyprefix``.
 """
 from __future__ import annotations
@@ -72,6 +74,7 @@ TRANSPORT_PROPERTIES = ("delivery_info", "body_encoding", "delivery_tag")
 _RESTORE_EVERY = 1.0      # seconds between expired-lease sweeps by one fetching object
 _BATCH = 1000             # leases restored / renewed per script run (bounds its run time)
 _MAX_BLOCK = 5.0          # longest single blocking call; below socket_timeout
+_DEFER_AFTER = 0.0     # seconds: ETA messages further away are not handed out (deferred)
 _FAST_POLL_FOR = 60.0     # seconds of fast polling after a message came without notification
 _CERT_REQS = {"CERT_REQUIRED": "required", "CERT_OPTIONAL": "optional", "CERT_NONE": "none"}
 #: Clients a forked child inherited: kept referenced, so garbage collection in the child never
@@ -324,6 +327,24 @@ _SCRIPTS = {
     # ARGV: owner, tags...
     "ack": "local tags = owned(2, ARGV[1]) for _, tag in ipairs(tags) do forget(tag, true) end "
            "return #tags",
+    # ARGV: owner, then tag, eta pairs. Leased ETA messages into the broker-side delayed set.
+    "defer": r"""
+local n = 0
+for i = 2, #ARGV, 2 do
+  local tag, eta = ARGV[i], ARGV[i + 1]
+  if redis.call('HGET', K_OWNER, tag) == ARGV[1] then
+    local info, text, kombu = redis.call('HGET', K_QUEUE, tag), stored(tag)
+    local list = string.match(info or '', '^%d+ (.*)$')
+    if list and text and kombu then
+      local q, step = queue_of(list), string.match(list, '\6\22([369])$')
+      redis.call('ZADD', 'qctl.delayed.' .. q, eta, tag)
+      redis.call('HSET', 'qctl.delayed_msgs.' .. q, tag, (step and tonumber(step) / 3 or 0) .. ' ' .. text)
+      forget(tag, true)
+      n = n + 1
+    end
+  end
+end
+return n""",
     # ARGV: notify prefix, owner, tags...
     "give_back": "return give_back(owned(3, ARGV[2]), ARGV[1])",
     # ARGV: notify prefix.
@@ -542,7 +563,10 @@ class RedisTransport(Transport):
         self.poll_interval = float(self.options.get("poll_interval") or 0.05)
         self.idle_poll_interval = max(self.poll_interval,
                                       float(self.options.get("idle_poll_interval") or 1.0))
-        self.supports_delayed_delivery = str(self.options.get("delayed_delivery", True)).lower() \
+        # Default off: a Celery peer must see a qctl client's ETA messages on the list; qctl
+        # workers move them into the delayed set when they fetch them (_defer_early).
+        # Either way nothing is delivered before its ETA (supports_delayed_delivery holds).
+        self.publish_delayed = str(self.options.get("delayed_delivery", False)).lower() \
             not in ("false", "0", "no", "off")
         self._errors = Errors(url, "broker")
         self._lock = threading.Lock()
@@ -623,7 +647,10 @@ class RedisTransport(Transport):
         tag = str(uuid4())
         text = encode_envelope(envelope, priority, exchange or "", routing_key or queue, tag)
         band, channel = band_index(priority), self._notify_prefix + queue
-        if eta is not None and self.supports_delayed_delivery and eta > time.time():
+        # On the list only when the ETA also travels in the headers (a Celery task message),
+        # where a Celery worker honours it and a qctl worker defers it when it fetches it.
+        if eta is not None and eta > time.time() and (
+                self.publish_delayed or not (envelope.headers or {}).get("eta")):
             self._run("publish", [text, channel, tag, repr(float(eta)), band],
                       [f"qctl.delayed.{queue}", f"qctl.delayed_msgs.{queue}"])
         else:
@@ -638,6 +665,7 @@ class RedisTransport(Transport):
         polled = False      # the last wait ended on the poll timer, not a notification or due time
         while True:
             got, wake = self._lease(queues, limit)
+            got = self._defer_early(got)
             if got:
                 if polled:  # a producer that does not notify (a Celery client): poll fast a while
                     self._fast_poll_until = time.monotonic() + _FAST_POLL_FOR
@@ -657,6 +685,28 @@ class RedisTransport(Transport):
                 except BaseException:
                     self._pause_waiter(drop=True)
                     raise
+
+    def _defer_early(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """ETA messages not yet due (Celery clients, and qctl ones by default, put them
+        straight on the list) move into the broker-side delayed set instead of being handed
+        out: a worker never holds them, and the contract (nothing before its ETA) holds."""
+        from ..protocol import parse_iso
+        now, early = time.time() + self._clock_skew, []
+        for delivery in deliveries:
+            try:
+                eta = parse_iso(delivery.envelope.headers.get("eta")) if delivery.envelope else None
+            except Exception:  # noqa: BLE001 - a bad eta is the worker's to report
+                eta = None
+            if eta is not None and eta.timestamp() > now + _DEFER_AFTER:
+                early.append((delivery.tag, repr(eta.timestamp())))
+        if not early:
+            return deliveries
+        self._run("defer", [self.consumer_id, *(x for pair in early for x in pair)])
+        deferred = {tag for tag, _ in early}
+        with self._lock:
+            for tag in deferred:
+                self._held.pop(tag, None)
+        return [d for d in deliveries if d.tag not in deferred]
 
     def _lease(self, queues: list[str], limit: int) -> tuple[list[Delivery], float]:
         """One run of the fetch script: (deliveries, seconds until something may be due)."""

@@ -117,3 +117,47 @@ def test_bad_messages_go_to_the_dead_letter_queue_and_the_worker_carries_on(brok
     with pytest.raises(Exception, match="proj.nope"):
         unknown.get(timeout=GET)
     assert worker.alive()
+
+
+BROKEN = {
+    "not json": Envelope(body=b"\xff{not json", headers={"task": "proj.add", "id": "bad-json"}),
+    "no headers": Envelope(body=b"[[1, 2], {}, {}]", headers={}),
+    "unknown protocol": Envelope(body=b'{"hello": "world"}', headers={"lang": "py"}),
+    "wrong shape": Envelope(body=b'{"args": 1}', headers={"task": "proj.add", "id": "bad-shape"}),
+    "huge body": Envelope(body=b"[" + b"1," * (2 * 1024 * 1024) + b"]",
+                          headers={"task": "proj.add", "id": "bad-huge"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_messages_from_other_programs_are_dead_lettered(broker_project, case):
+    """Given a message another program pushed in a broken form, the worker dead-letters it
+    with a reason, keeps running, and the next good task succeeds."""
+    worker = broker_project.start_worker("-c", "1")
+    app = broker_project.client()
+    envelope = BROKEN[case]
+    envelope.properties.setdefault("priority", 0)
+    app.transport.publish("celery", envelope, routing_key="celery")
+    assert app.send_task("proj.add", (2, 2)).get(timeout=GET) == 4
+    letters = wait_for(lambda: app.transport.dead_letters() or None, 15)
+    assert len(letters) == 1 and letters[0].reason
+    assert worker.alive()
+
+
+def test_garbage_pushed_straight_into_a_redis_list_is_dead_lettered(tmp_path, redis_urls, _clean_qctl_env):
+    """Not even kombu's envelope: raw bytes LPUSHed by another program."""
+    import redis
+    from tests.conftest import Project
+    project = Project(tmp_path / "proj", *redis_urls)
+    try:
+        worker = project.start_worker("-c", "1")
+        client = redis.Redis.from_url(redis_urls[0])
+        client.lpush("celery", b"\x00\x01 definitely not a kombu envelope")
+        client.close()
+        app = project.client()
+        assert app.send_task("proj.add", (3, 3)).get(timeout=GET) == 6
+        letters = wait_for(lambda: app.transport.dead_letters() or None, 15)
+        assert len(letters) == 1 and letters[0].raw and letters[0].reason
+        assert worker.alive()
+    finally:
+        project.close()

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 import redis
@@ -323,7 +324,7 @@ def test_idle_waiters_go_away_with_their_threads(make):
 # -- ETA ------------------------------------------------------------------------------------
 
 def test_eta_waits_in_the_delayed_zset(make, r):
-    t = make()
+    t = make(delayed_delivery=True)
     eta = time.time() + 0.5
     t.publish("q", env(b"later"), eta=eta, priority=4)
     assert r.llen("q") == 0 and r.llen(f"q{SEP}3") == 0
@@ -338,9 +339,13 @@ def test_eta_waits_in_the_delayed_zset(make, r):
 
 def test_eta_straight_to_the_list_when_delayed_delivery_is_off(make, r):
     t = make(delayed_delivery=False)
-    assert t.supports_delayed_delivery is False
-    t.publish("q", env(b"x"), eta=time.time() + 60)
+    eta = time.time() + 60
+    iso = datetime.fromtimestamp(eta, timezone.utc).isoformat()
+    t.publish("q", Envelope(b"x", {"eta": iso}), eta=eta)
     assert r.llen("q") == 1 and not r.exists("qctl.delayed.q")
+    assert t.fetch(["q"], 10, 0.2) == []        # fetched early: deferred, not handed out
+    assert r.llen("q") == 0 and r.zcard("qctl.delayed.q") == 1 and not r.hlen("unacked")
+    assert t.queue_size("q") == 1
 
 
 # -- what other programs may leave in a queue ------------------------------------------------
