@@ -289,17 +289,56 @@ def _clean_qctl_env():
     mp.undo()
 
 
-@pytest.fixture
-def tmp_project(tmp_path, _clean_qctl_env):
-    project = Project(tmp_path / "proj")
+BROKERS = ["sqlite", "redis", "amqp"]
+
+
+_VHOSTS: set[str] = set()
+
+
+def _rabbit_vhost(rabbit: Any, name: str) -> str:
+    """The URL of vhost ``name`` on the session's node (created once, guest allowed)."""
+    if name not in _VHOSTS:
+        ctl = str(Path(rabbit.binary).with_name("rabbitmqctl"))
+        for args in (["add_vhost", name], ["set_permissions", "-p", name, "guest", ".*", ".*", ".*"]):
+            subprocess.run([ctl, "-n", rabbit.node, *args], env=rabbit.env, check=True,
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        _VHOSTS.add(name)
+    return rabbit.url.rstrip("/") + "/" + name
+
+
+def _project_on(request: Any, kind: str, path: Path, shared: bool = False) -> "Project":
+    """A project on broker ``kind``; tests marked ``sqlite_only`` (they read the SQLite file
+    itself) run on SQLite alone. A module-wide (``shared``) project gets its own Redis
+    databases and RabbitMQ vhost, so its workers never see a single test's tasks."""
+    if kind != "sqlite" and request.node.get_closest_marker("sqlite_only"):
+        pytest.skip("inspects the SQLite broker file itself")
+    if kind == "sqlite":
+        return Project(path)
+    if kind == "redis":
+        server = request.getfixturevalue("redis_server")
+        first = 10 if shared else 8
+        broker, backend = with_db(server, first), with_db(server, first + 1)
+        flushdb(broker)
+        flushdb(backend)
+        return Project(path, broker, backend)
+    rabbit = request.getfixturevalue("rabbit")
+    url = _rabbit_vhost(rabbit, "module") if shared else rabbit.url
+    _purge_rabbit(url)
+    return Project(path, url, "rpc://")
+
+
+@pytest.fixture(params=BROKERS)
+def tmp_project(request, tmp_path, _clean_qctl_env):
+    """A project on each broker in turn: every worker test runs on sqlite, redis and amqp."""
+    project = _project_on(request, request.param, tmp_path / "proj")
     yield project
     project.close()
 
 
-@pytest.fixture(scope="module")
-def module_project(tmp_path_factory, _clean_qctl_env):
-    """One project (and its workers) shared by the tests of a module."""
-    project = Project(tmp_path_factory.mktemp("proj"))
+@pytest.fixture(scope="module", params=BROKERS)
+def module_project(request, tmp_path_factory, _clean_qctl_env):
+    """One project (and its workers) shared by the tests of a module, per broker."""
+    project = _project_on(request, request.param, tmp_path_factory.mktemp("proj"), shared=True)
     yield project
     project.close()
 
@@ -345,12 +384,11 @@ def pytest_collection_finish(session):
         launch_session_rabbit(tempfile.mkdtemp(prefix="qctl-rabbit-"))
 
 
-@pytest.fixture
-def amqp_urls(rabbit):
-    """(broker, result backend): the session's RabbitMQ node, results over rpc://."""
+def _purge_rabbit(url: str) -> None:
+    """What earlier tests left in the default queues must not reach this one's workers."""
     from qctl.transports.amqp import AmqpTransport
-    transport = AmqpTransport(rabbit.url)
-    try:  # what earlier tests left in the default queues must not reach this one's workers
+    transport = AmqpTransport(url)
+    try:
         for queue in ("celery", "other", "third"):
             try:
                 transport.purge(queue)
@@ -359,4 +397,20 @@ def amqp_urls(rabbit):
         transport.purge_dead()
     finally:
         transport.close()
+
+
+@pytest.fixture
+def amqp_urls(rabbit):
+    """(broker, result backend): the session's RabbitMQ node, results over rpc://."""
+    _purge_rabbit(rabbit.url)
     return rabbit.url, "rpc://"
+
+
+@pytest.fixture(autouse=True)
+def _sqlite_only(request):
+    """Skip a ``sqlite_only`` test's redis/amqp instances (also for module-wide projects)."""
+    if request.node.get_closest_marker("sqlite_only"):
+        params = getattr(getattr(request.node, "callspec", None), "params", {})
+        kind = params.get("tmp_project", params.get("module_project", "sqlite"))
+        if kind != "sqlite":
+            pytest.skip("inspects the SQLite broker file itself")

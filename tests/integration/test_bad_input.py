@@ -152,6 +152,7 @@ def test_malformed_headers(app, worker, headers, reason):
     assert worker.alive()
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("headers_text, reason", [
     ("{not json", r"headers are not valid JSON"),
     ("[1, 2]", r"headers are not a JSON object"),

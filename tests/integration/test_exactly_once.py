@@ -14,7 +14,8 @@ import pytest
 from qctl import states
 from tests.helpers import wait_for
 
-pytestmark = pytest.mark.timeout(150)
+# Reads the SQLite broker file; the same promises on redis/amqp: tests/integration/test_brokers.py
+pytestmark = [pytest.mark.timeout(150), pytest.mark.sqlite_only]
 
 TASKS = 5000
 WORKERS = 4

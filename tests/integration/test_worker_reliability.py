@@ -16,7 +16,8 @@ import pytest
 from qctl import states
 from tests.helpers import pid_alive, wait_for
 
-pytestmark = pytest.mark.timeout(120)
+# Reads the SQLite broker file; the same promises on redis/amqp: tests/integration/test_brokers.py
+pytestmark = [pytest.mark.timeout(120), pytest.mark.sqlite_only]
 
 GET = 20
 LEASE = {"PROJ_VISIBILITY_TIMEOUT": "2"}
