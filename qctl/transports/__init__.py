@@ -68,11 +68,23 @@ class DeadLetter:
     raw: bytes | None = None
 
 
-class Subscription:
-    """A subscriber's view of a broadcast channel: each subscriber receives every message
-    broadcast after it subscribed, once."""
+@dataclass
+class ControlMessage:
+    """A remote-control request or reply, or an event: a JSON ``body`` with ``headers``.
 
-    def get(self, timeout: float) -> list[bytes]:
+    Requests carry headers ``clock`` and ``expires``, replies ``ticket`` and ``clock`` (Celery's
+    pidbox). ``routing_key`` matters for events (``worker.heartbeat``, ``task.succeeded``…)."""
+
+    body: bytes
+    headers: dict[str, Any] = field(default_factory=dict)
+    routing_key: str = ""
+
+
+class Subscription:
+    """A subscriber's view of a broadcast exchange: each subscriber receives every message
+    broadcast after it subscribed (and matching its pattern), once."""
+
+    def get(self, timeout: float) -> list[ControlMessage]:
         """Messages broadcast since the last call; waits up to ``timeout`` s for the first."""
         raise NotImplementedError
 
@@ -176,23 +188,51 @@ class Transport:
         """Delete every dead letter; returns how many."""
         raise NotImplementedError
 
-    # -- broadcast channel and reply mailboxes (remote control, events) --------------------
+    # -- broadcast exchanges and reply mailboxes (remote control, events) ------------------
+    #
+    # Names are Celery's so that Celery peers interoperate: control requests go to the fanout
+    # exchange ``celery.pidbox`` (``<control_exchange>.pidbox``), events to ``celeryev`` with
+    # routing keys such as ``worker.heartbeat``; a client's replies come back to its mailbox,
+    # Celery's queue ``<mailbox>.reply.celery.pidbox`` behind exchange ``reply.celery.pidbox``.
+    # On Redis and AMQP the messages are encoded exactly as kombu does (§3, §6 of the wire notes).
 
-    def broadcast(self, channel: str, payload: bytes) -> None:
-        """Deliver ``payload`` to every current subscriber of ``channel``."""
+    def broadcast(self, exchange: str, message: ControlMessage) -> None:
+        """Deliver ``message`` to every current subscriber of ``exchange`` whose pattern
+        matches ``message.routing_key``. Fire and forget: no subscriber, no error."""
         raise NotImplementedError
 
-    def subscribe(self, channel: str) -> Subscription:
-        """Start receiving what is broadcast on ``channel`` from now on."""
+    def subscribe(self, exchange: str, pattern: str = "#", name: str | None = None) -> Subscription:
+        """Start receiving what is broadcast on ``exchange`` from now on. ``pattern`` is an
+        AMQP topic pattern on the routing key (``#`` all, ``worker.*``); ``name`` names this
+        subscriber's queue where the broker has one (AMQP: ``<node>.celery.pidbox``)."""
         raise NotImplementedError
 
-    def put_reply(self, mailbox: str, payload: bytes, ttl: float = 60.0) -> None:
-        """Leave ``payload`` in ``mailbox`` for one reader; unread replies expire after ``ttl``."""
+    def open_mailbox(self, mailbox: str) -> None:
+        """Create ``mailbox`` (and, on Redis, its binding) before asking anything, so that
+        replies sent at once are kept. Idempotent."""
+
+    def put_reply(self, mailbox: str, message: ControlMessage, ttl: float = 60.0) -> None:
+        """Leave a reply in ``mailbox`` for its one reader; unread replies expire after ``ttl``.
+        A mailbox that does not exist (its client left) drops it silently."""
         raise NotImplementedError
 
-    def get_replies(self, mailbox: str, timeout: float) -> list[bytes]:
+    def get_replies(self, mailbox: str, timeout: float) -> list[ControlMessage]:
         """Take what waits in ``mailbox``; waits up to ``timeout`` s for the first reply."""
         raise NotImplementedError
+
+    def close_mailbox(self, mailbox: str) -> None:
+        """Delete ``mailbox`` and what is left in it. Idempotent."""
+
+    def announce_node(self, nodename: str, ttl: float) -> None:
+        """Record that worker ``nodename`` is alive for the next ``ttl`` s (its heartbeat)."""
+
+    def forget_node(self, nodename: str) -> None:
+        """``nodename`` stopped (clean shutdown). Idempotent."""
+
+    def live_nodes(self) -> set[str] | None:
+        """The nodes announced and not expired, or None when this broker cannot tell (the
+        control client then waits for its timeout, as Celery always does)."""
+        return None
 
     # -- life cycle -----------------------------------------------------------------------
 
