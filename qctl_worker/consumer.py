@@ -238,6 +238,12 @@ class Consumer:
                   accept=self.accept, delivery=delivery, expires_at=message.expires)
         if self.log_info:
             logger.info("Task %s[%s] received", headers.get("shadow") or name, task_id)
+        if self.worker.events:
+            self._event("task-received", uuid=task_id, name=headers.get("shadow") or name,
+                        args=headers.get("argsrepr"), kwargs=headers.get("kwargsrepr"),
+                        root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
+                        retries=headers.get("retries"), eta=headers.get("eta"),
+                        expires=headers.get("expires"))
         delay = (message.eta - time.time()) if message.eta else 0.0
         if delay > 0.001:
             self.scheduled[job.seq] = job
@@ -245,8 +251,30 @@ class Consumer:
         else:
             self._admit(job)
 
+    def _event(self, kind: str, **fields: Any) -> None:
+        remote = self.worker.remote
+        if remote is not None:
+            remote.task_event(kind, **fields)
+
+    def _outcome_event(self, job: Job, outcome: Outcome) -> None:
+        state, uuid = outcome.state, job.task_id
+        if state == states.SUCCESS:
+            self._event("task-succeeded", uuid=uuid, result=outcome.summary, runtime=outcome.runtime)
+        elif state == states.RETRY:
+            self._event("task-retried", uuid=uuid, exception=outcome.summary, traceback=outcome.traceback)
+        elif state == states.REJECTED:
+            self._event("task-rejected", uuid=uuid, requeue=outcome.requeue)
+        elif state == states.REVOKED:
+            self._event("task-revoked", uuid=uuid, terminated=True, signum=None, expired=False)
+        elif state != states.IGNORED:
+            self._event("task-failed", uuid=uuid, exception=outcome.summary or state,
+                        traceback=outcome.traceback)
+
     def _discard(self, delivery: Any, headers: dict, why: str) -> None:
         logger.info("Discarding revoked task: %s[%s] (%s)", headers["task"], headers["id"], why)
+        if self.worker.events:
+            self._event("task-revoked", uuid=headers["id"], terminated=False, signum=None,
+                        expired=why == "expired")
         self._store_exception(headers["id"], states.REVOKED, TaskRevokedError(why), headers)
         self._acks.append(delivery.tag)
         self._release_window()
@@ -316,12 +344,22 @@ class Consumer:
             job.started = time.monotonic()
             self.active[job.seq] = job
             self.pool.apply(job)
+            if self.worker.events:
+                self._event("task-started", uuid=job.task_id)
             if task.track_started:
                 self._store_meta(job.task_id, {"status": states.STARTED, "result": {
                     "pid": job.worker_pid or os.getpid(), "hostname": self.hostname},
                     "traceback": None, "children": [], "date_done": None, "task_id": job.task_id})
             if job.time_limit:
                 self.call_at(job.started + job.time_limit, lambda job=job: self._hard_limit(job))
+
+    def terminate(self, ids: list[str], signum: int) -> list[str]:
+        """``revoke --terminate``: stop the running jobs with these ids (hub thread only)."""
+        wanted, hit = set(ids), []
+        for job in list(self.active.values()):
+            if job.task_id in wanted and self.pool.terminate_job(job, signum, states.REVOKED):
+                hit.append(job.task_id)
+        return hit
 
     def _hard_limit(self, job: Job) -> None:
         if self.active.get(job.seq) is job:
@@ -341,6 +379,8 @@ class Consumer:
         late = job.delivery.tag is not None
         name = job.headers.get("shadow") or job.task_name
         state = outcome.state
+        if self.worker.events:
+            self._outcome_event(job, outcome)
         if outcome.meta is not None:
             self._results.append((job.task_id, outcome.meta, state))
         if state == states.SUCCESS:
@@ -370,6 +410,10 @@ class Consumer:
             self._store_exception(job.task_id, states.FAILURE, InvalidTaskError(outcome.summary), job.headers)
             self._dead_letter(job.delivery, outcome.summary, job, log=False)
             return
+        elif state == states.REVOKED:
+            logger.info("Task %s[%s] terminated (revoked)", name, job.task_id)
+            self._store_exception(job.task_id, states.REVOKED, TaskRevokedError("terminated"),
+                                  job.headers)
         elif state == TIME_LIMIT:
             logger.error("Hard time limit (%ss) exceeded for %s[%s]", job.time_limit, name, job.task_id)
             self._store_exception(job.task_id, states.FAILURE,

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Any
 
 from qctl import signals as app_signals
@@ -22,6 +23,7 @@ from qctl.routing import select_queues
 
 from . import banner, logs, pools
 from .consumer import Consumer
+from .remote import RemoteControl
 from .state import NodeState
 
 logger = logging.getLogger("qctl.worker")
@@ -58,7 +60,8 @@ class Worker:
             self.concurrency = 1
         self.include_queues, self.exclude_queues = queues, exclude_queues
         self.loglevel, self.logfile, self.pidfile = loglevel, logfile, pidfile
-        self.events, self.beat = events, beat
+        self.events = bool(events or conf.worker_send_task_events)
+        self.beat = beat
         self.prefetch_multiplier = prefetch_multiplier or conf.worker_prefetch_multiplier or 4
         self.max_tasks_per_child = max_tasks_per_child or conf.worker_max_tasks_per_child
         self.max_memory_per_child = max_memory_per_child or conf.worker_max_memory_per_child
@@ -67,7 +70,11 @@ class Worker:
         self.statedb = statedb or conf.worker_state_db
         self.shutdown_timeout = shutdown_timeout if shutdown_timeout is not None else conf.worker_shutdown_timeout
         self.no_color, self.quiet = no_color, quiet
+        self.without_heartbeat = without_heartbeat
         self.state = NodeState(self.statedb)
+        self.clock = 0                      # Lamport clock shared by control replies and events
+        self.started_at = time.monotonic()
+        self.remote: RemoteControl | None = None
         self.queues: list[str] = []
         self.pool: Any = None
         self.consumer: Consumer | None = None
@@ -119,7 +126,9 @@ class Worker:
         self.pool.start(self.consumer.on_outcome)
         if not self.quiet:
             banner.show(self, self.logfile, self.no_color)
-        self.consumer.start()                                  # consuming: last
+        self.consumer.start()                                  # consuming
+        self.remote = RemoteControl(self)
+        self.remote.start()                                    # answers inspect/control: last
         # Shown at any log level, as Celery prints it: scripts and operators wait for it.
         logger.log(max(logging.getLogger().getEffectiveLevel(), logging.INFO), "%s ready.", self.hostname)
         app_signals.worker_ready.send(sender=self)
@@ -127,6 +136,8 @@ class Worker:
     def stop(self, cold: bool = False) -> None:
         app_signals.worker_shutting_down.send(sender=self.hostname, sig=None, how="cold" if cold else "warm")
         consumer, pool = self.consumer, self.pool
+        if self.remote is not None:
+            self.remote.stop()                                 # 0. leave the fleet (worker-offline)
         if consumer is not None:
             consumer.stop_consuming()                          # 1. fetch no more
             returned = consumer.drain()                        # 2. give back what is not running
@@ -153,6 +164,16 @@ class Worker:
         self.state.save()                                      # 6. revoked ids
         app_signals.worker_shutdown.send(sender=self)
         self.app.close()
+
+    def resize_pool(self, delta: int) -> None:
+        """``pool_grow``/``pool_shrink``: the prefetch window follows the pool's size."""
+        if delta > 0:
+            self.pool.grow(delta)
+        elif delta < 0:
+            self.pool.shrink(-delta)
+        self.concurrency = self.pool.limit
+        if self.consumer is not None:
+            self.consumer.window = max(self.concurrency * self.prefetch_multiplier, 1)
 
     def _select_queues(self) -> list[str]:
         conf = self.app.conf

@@ -27,10 +27,14 @@ __all__ = ["main", "cli", "CliContext", "CliError", "COMMANDS"]
 #: beat, events, completion) are added here and nowhere else.
 COMMANDS: dict[str, str] = {
     "call": "qctl.cli.call:call",
+    "control": "qctl.cli.control:control",
     "dead": "qctl.cli.dead:dead",
+    "events": "qctl.cli.events:events",
+    "inspect": "qctl.cli.inspect:inspect",
     "purge": "qctl.cli.purge:purge",
     "report": "qctl.cli.report:report",
     "result": "qctl.cli.result:result",
+    "status": "qctl.cli.status:status",
     "worker": "qctl.cli.worker:worker",
 }
 

@@ -1,7 +1,8 @@
 """An in-process broker (``memory://``) for tests and single-process use.
 
-Transport objects created with the same URL in one process share their queues. Nothing
-crosses process boundaries; a forked child sees a frozen copy and must not rely on it.
+Transport objects created with the same URL in one process share their queues, broadcast
+exchanges, reply mailboxes and live-node registry. Nothing crosses process boundaries; a
+forked child sees a frozen copy and must not rely on it.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from collections import deque
 from typing import Any, Iterable, Sequence
 from uuid import uuid4
 
-from . import DeadLetter, Delivery, Envelope, Subscription, Transport
+from ..routing import topic_matches
+from . import ControlMessage, DeadLetter, Delivery, Envelope, Subscription, Transport
 
 
 class _Message:
@@ -40,8 +42,9 @@ class _Broker:
         self.ids = itertools.count(1)
         self.messages: dict[int, _Message] = {}             # id order == publish order
         self.dead: dict[int, tuple[DeadLetter, int]] = {}   # id -> (letter, priority)
-        self.subscribers: dict[str, set[MemorySubscription]] = {}
-        self.mailboxes: dict[str, list[tuple[float, bytes]]] = {}
+        self.subscribers: dict[str, set[MemorySubscription]] = {}   # exchange -> subscribers
+        self.mailboxes: dict[str, list[tuple[float, ControlMessage]]] = {}  # open ones only
+        self.nodes: dict[str, float] = {}                    # nodename -> expires (wall time)
 
 
 _BROKERS: dict[str, _Broker] = {}
@@ -61,26 +64,38 @@ def _copy(envelope: Envelope) -> Envelope:
                     envelope.content_encoding)
 
 
+def _copy_control(message: ControlMessage) -> ControlMessage:
+    return ControlMessage(bytes(message.body), copy.deepcopy(dict(message.headers or {})),
+                          message.routing_key or "")
+
+
 class MemorySubscription(Subscription):
-    """A per-subscriber buffer that ``broadcast`` appends to."""
+    """A per-subscriber buffer that ``broadcast`` appends matching messages to."""
 
-    def __init__(self, broker: _Broker, channel: str) -> None:
+    def __init__(self, broker: _Broker, exchange: str, pattern: str) -> None:
         self._broker = broker
-        self.channel = channel
-        self.pending: deque[bytes] = deque()
+        self.exchange, self.pattern = exchange, pattern
+        self.pending: deque[ControlMessage] = deque()
+        self.closed = False
 
-    def get(self, timeout: float) -> list[bytes]:
-        """Payloads broadcast since the last call; waits up to ``timeout`` s for the first."""
+    def matches(self, routing_key: str) -> bool:
+        return self.pattern == "#" or topic_matches(self.pattern, routing_key)
+
+    def get(self, timeout: float) -> list[ControlMessage]:
+        """Messages broadcast since the last call; waits up to ``timeout`` s for the first."""
         with self._broker.cond:
-            self._broker.cond.wait_for(lambda: self.pending, max(timeout, 0.0))
+            self._broker.cond.wait_for(lambda: self.pending or self.closed, max(timeout, 0.0))
             got = list(self.pending)
             self.pending.clear()
             return got
 
     def close(self) -> None:
-        """Stop receiving. Idempotent."""
+        """Stop receiving (and wake a waiting ``get``). Idempotent."""
         with self._broker.cond:
-            self._broker.subscribers.get(self.channel, set()).discard(self)
+            self.closed = True
+            self.pending.clear()
+            self._broker.subscribers.get(self.exchange, set()).discard(self)
+            self._broker.cond.notify_all()
 
 
 class MemoryTransport(Transport):
@@ -260,44 +275,80 @@ class MemoryTransport(Transport):
             self._broker.dead.clear()
             return count
 
-    # -- broadcast channel and reply mailboxes --------------------------------------------
+    # -- broadcast exchanges, reply mailboxes and the live-node registry ------------------
 
-    def broadcast(self, channel: str, payload: bytes) -> None:
-        """Append ``payload`` to every current subscriber's buffer."""
+    def broadcast(self, exchange: str, message: ControlMessage) -> None:
+        """Append a copy of ``message`` to every current subscriber whose pattern matches."""
         b = self._broker
+        key = message.routing_key or ""
         with b.cond:
-            for sub in b.subscribers.get(channel, ()):
-                sub.pending.append(bytes(payload))
+            for sub in b.subscribers.get(exchange, ()):
+                if sub.matches(key):
+                    sub.pending.append(_copy_control(message))
             b.cond.notify_all()
 
-    def subscribe(self, channel: str) -> Subscription:
-        """A buffer that receives what is broadcast from now on."""
+    def subscribe(self, exchange: str, pattern: str = "#", name: str | None = None) -> Subscription:
+        """A buffer that receives what is broadcast from now on (``name`` is not needed here)."""
         b = self._broker
-        sub = MemorySubscription(b, channel)
+        sub = MemorySubscription(b, exchange, pattern)
         with b.cond:
-            b.subscribers.setdefault(channel, set()).add(sub)
+            b.subscribers.setdefault(exchange, set()).add(sub)
         return sub
 
-    def put_reply(self, mailbox: str, payload: bytes, ttl: float = 60.0) -> None:
-        """Leave ``payload`` for one reader until ``ttl`` s from now."""
+    def open_mailbox(self, mailbox: str) -> None:
+        """Create ``mailbox``; replies to it are kept from now on. Idempotent."""
+        with self._broker.cond:
+            self._broker.mailboxes.setdefault(mailbox, [])
+
+    def put_reply(self, mailbox: str, message: ControlMessage, ttl: float = 60.0) -> None:
+        """Leave a copy of ``message`` until ``ttl`` s from now; dropped unless ``mailbox`` is open."""
         b = self._broker
         with b.cond:
-            b.mailboxes.setdefault(mailbox, []).append((time.time() + ttl, bytes(payload)))
+            box = b.mailboxes.get(mailbox)
+            if box is None:
+                return
+            box.append((time.time() + ttl, _copy_control(message)))
             b.cond.notify_all()
 
-    def get_replies(self, mailbox: str, timeout: float) -> list[bytes]:
+    def get_replies(self, mailbox: str, timeout: float) -> list[ControlMessage]:
         """Take the unexpired replies, waiting up to ``timeout`` s for the first."""
         b = self._broker
 
-        def live() -> list[tuple[float, bytes]]:
+        def live() -> list[tuple[float, ControlMessage]]:
+            box = b.mailboxes.get(mailbox)
+            if not box:
+                return []
             now = time.time()
-            kept = [r for r in b.mailboxes.get(mailbox, ()) if r[0] >= now]
-            if kept:
-                b.mailboxes[mailbox] = kept
-            else:
-                b.mailboxes.pop(mailbox, None)
-            return kept
+            box[:] = [r for r in box if r[0] >= now]
+            return box
 
         with b.cond:
             b.cond.wait_for(live, max(timeout, 0.0))
-            return [payload for _, payload in b.mailboxes.pop(mailbox, [])]
+            box = live()
+            taken = [message for _, message in box]
+            box.clear()
+            return taken
+
+    def close_mailbox(self, mailbox: str) -> None:
+        """Delete ``mailbox`` and its unread replies. Idempotent."""
+        with self._broker.cond:
+            self._broker.mailboxes.pop(mailbox, None)
+
+    def announce_node(self, nodename: str, ttl: float) -> None:
+        """``nodename`` is alive until ``ttl`` s from now."""
+        with self._broker.cond:
+            self._broker.nodes[nodename] = time.time() + ttl
+
+    def forget_node(self, nodename: str) -> None:
+        """Drop ``nodename`` from the registry. Idempotent."""
+        with self._broker.cond:
+            self._broker.nodes.pop(nodename, None)
+
+    def live_nodes(self) -> set[str] | None:
+        """The announced nodes whose ttl has not run out."""
+        with self._broker.cond:
+            now = time.time()
+            nodes = self._broker.nodes
+            for gone in [n for n, expires in nodes.items() if expires <= now]:
+                del nodes[gone]
+            return set(nodes)

@@ -26,12 +26,20 @@ Schema (created ``IF NOT EXISTS`` on first connect)::
         id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT, reason TEXT, died_at REAL,
         headers TEXT, properties TEXT, content_type TEXT, content_encoding TEXT, body BLOB,
         exchange TEXT, routing_key TEXT, priority INTEGER NOT NULL DEFAULT 0);
-    CREATE TABLE broadcasts (id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT,
-        payload BLOB, created REAL);
-    CREATE INDEX broadcasts_channel ON broadcasts (channel, id);
-    CREATE TABLE replies (id INTEGER PRIMARY KEY AUTOINCREMENT, mailbox TEXT,
-        payload BLOB, expires REAL);
-    CREATE INDEX replies_mailbox ON replies (mailbox, id);
+    -- broadcasts: each subscriber reads the rows above its cursor (the top id when it
+    -- subscribed) whose routing key matches its topic pattern; rows are deleted after 60 s
+    CREATE TABLE control_broadcasts (id INTEGER PRIMARY KEY AUTOINCREMENT, exchange TEXT NOT NULL,
+        routing_key TEXT NOT NULL DEFAULT '', headers TEXT, body BLOB, created REAL);
+    CREATE INDEX control_broadcasts_exchange ON control_broadcasts (exchange, id);
+    -- open reply mailboxes (replies to others are dropped); forgotten after a day unused
+    CREATE TABLE mailboxes (name TEXT PRIMARY KEY, touched REAL);
+    CREATE TABLE control_replies (id INTEGER PRIMARY KEY AUTOINCREMENT, mailbox TEXT NOT NULL,
+        routing_key TEXT NOT NULL DEFAULT '', headers TEXT, body BLOB, expires REAL);
+    CREATE INDEX control_replies_mailbox ON control_replies (mailbox, id);
+    CREATE TABLE nodes (name TEXT PRIMARY KEY, expires REAL);   -- the live-node registry
+
+``headers`` columns hold JSON objects. Files of older versions also have tables ``broadcasts``
+and ``replies`` (bytes only): no longer used, and left for older processes still on the file.
 
 Idle consumers never take the write lock: they poll ``PRAGMA data_version`` (a shared-memory
 read in WAL mode that changes when another connection commits) and run the leasing
@@ -50,7 +58,8 @@ from urllib.parse import parse_qsl
 from uuid import uuid4
 
 from ..exceptions import ImproperlyConfigured, OperationalError
-from . import DeadLetter, Delivery, Envelope, Subscription, Transport
+from ..routing import topic_matches
+from . import ControlMessage, DeadLetter, Delivery, Envelope, Subscription, Transport
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -68,12 +77,14 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT, reason TEXT, died_at REAL,
     headers TEXT, properties TEXT, content_type TEXT, content_encoding TEXT, body BLOB,
     exchange TEXT, routing_key TEXT, priority INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS broadcasts (id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT,
-    payload BLOB, created REAL);
-CREATE INDEX IF NOT EXISTS broadcasts_channel ON broadcasts (channel, id);
-CREATE TABLE IF NOT EXISTS replies (id INTEGER PRIMARY KEY AUTOINCREMENT, mailbox TEXT,
-    payload BLOB, expires REAL);
-CREATE INDEX IF NOT EXISTS replies_mailbox ON replies (mailbox, id);
+CREATE TABLE IF NOT EXISTS control_broadcasts (id INTEGER PRIMARY KEY AUTOINCREMENT, exchange TEXT NOT NULL,
+    routing_key TEXT NOT NULL DEFAULT '', headers TEXT, body BLOB, created REAL);
+CREATE INDEX IF NOT EXISTS control_broadcasts_exchange ON control_broadcasts (exchange, id);
+CREATE TABLE IF NOT EXISTS mailboxes (name TEXT PRIMARY KEY, touched REAL);
+CREATE TABLE IF NOT EXISTS control_replies (id INTEGER PRIMARY KEY AUTOINCREMENT, mailbox TEXT NOT NULL,
+    routing_key TEXT NOT NULL DEFAULT '', headers TEXT, body BLOB, expires REAL);
+CREATE INDEX IF NOT EXISTS control_replies_mailbox ON control_replies (mailbox, id);
+CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, expires REAL);
 """
 
 DEFAULT_FILE = "qctl.sqlite3"
@@ -81,6 +92,8 @@ _SYNCHRONOUS = {"OFF", "NORMAL", "FULL", "EXTRA", "0", "1", "2", "3"}
 _CHUNK = 500            # ids per IN (...) list; far below SQLITE_MAX_VARIABLE_NUMBER
 _LOCK_RETRIES = 5
 _IDLE_RECHECK = 1.0     # seconds between cheap re-checks while idle (clock jumps, missed wakes)
+_BROADCAST_KEEP = 60.0  # seconds a broadcast row stays for subscribers that have not read it
+_MAILBOX_IDLE = 86400.0 # an open mailbox neither re-opened nor read for this long is forgotten
 _MESSAGE_COLUMNS = ("id, queue, redelivered, delivery_count, exchange, routing_key, headers, "
                     "properties, content_type, content_encoding, body")
 
@@ -278,6 +291,16 @@ class Database:
             except sqlite3.Error:
                 return True     # let the caller's next real query report (or retry) the problem
 
+    def poll(self, fn: Callable[[], list], timeout: float) -> list:
+        """``fn()`` until it returns something (or ``timeout`` s pass), polling ``data_version``
+        in between: an idle waiter takes no lock and wakes within ``poll_interval`` of a commit."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while True:
+            version = self.data_version()       # before ``fn``: no commit slips between
+            got = fn()
+            if got or not self.wait_change(version, deadline):
+                return got
+
     def close(self) -> None:
         """Close the connections this process opened. Idempotent."""
         if os.getpid() != self._pid:
@@ -330,30 +353,44 @@ def decode_envelope(headers: Any, properties: Any, content_type: Any, content_en
                     content_encoding or "utf-8"), None, None
 
 
+def decode_control(routing_key: Any, headers: Any, body: Any) -> ControlMessage:
+    """A stored broadcast or reply; headers that are not a JSON object are read as ``{}``."""
+    try:
+        parsed = json.loads(headers) if headers else {}
+    except (ValueError, TypeError):
+        parsed = {}
+    return ControlMessage(_as_bytes(body), parsed if isinstance(parsed, dict) else {}, routing_key or "")
+
+
+def _control_row(message: ControlMessage) -> tuple[str, str, Any]:
+    return (message.routing_key or "", json.dumps(message.headers or {}),
+            sqlite3.Binary(_as_bytes(message.body)))
+
+
 class SqliteSubscription(Subscription):
-    """Reads ``broadcasts`` rows of one channel with ids above its cursor."""
+    """Reads ``control_broadcasts`` rows of one exchange above its cursor matching its pattern."""
 
-    def __init__(self, transport: "SqliteTransport", channel: str) -> None:
+    def __init__(self, transport: "SqliteTransport", exchange: str, pattern: str) -> None:
         self._db = transport._db
-        self.channel = channel
+        self.exchange, self.pattern = exchange, pattern
         self._closed = False
-        self._cursor = self._db.read(
-            lambda c: c.execute("SELECT COALESCE(MAX(id), 0) FROM broadcasts").fetchone()[0])
+        self._cursor = self._db.read(lambda c: c.execute(
+            "SELECT COALESCE(MAX(id), 0) FROM control_broadcasts").fetchone()[0])
 
-    def get(self, timeout: float) -> list[bytes]:
-        """Payloads broadcast since the last call; waits up to ``timeout`` s for the first."""
-        deadline = time.monotonic() + max(timeout, 0.0)
-        while not self._closed:
-            version = self._db.data_version()      # before the read: no commit slips between
-            rows = self._db.read(lambda c: c.execute(
-                "SELECT id, payload FROM broadcasts WHERE channel = ? AND id > ? ORDER BY id",
-                (self.channel, self._cursor)).fetchall())
-            if rows:
-                self._cursor = rows[-1][0]
-                return [_as_bytes(payload) for _, payload in rows]
-            if not self._db.wait_change(version, deadline):
-                return []
-        return []
+    def _read(self) -> list[ControlMessage]:
+        if self._closed:
+            return []
+        rows = self._db.read(lambda c: c.execute(
+            "SELECT id, routing_key, headers, body FROM control_broadcasts"
+            " WHERE exchange = ? AND id > ? ORDER BY id", (self.exchange, self._cursor)).fetchall())
+        if rows:
+            self._cursor = rows[-1][0]
+        every = self.pattern == "#"
+        return [decode_control(*row[1:]) for row in rows if every or topic_matches(self.pattern, row[1])]
+
+    def get(self, timeout: float) -> list[ControlMessage]:
+        """Messages broadcast since the last call; waits up to ``timeout`` s for the first."""
+        return self._db.poll(self._read, 0.0 if self._closed else timeout)
 
     def close(self) -> None:
         """Stop receiving. Idempotent."""
@@ -610,56 +647,83 @@ class SqliteTransport(Transport):
         """Delete every dead letter."""
         return self._db.execute("DELETE FROM dead_letters").rowcount
 
-    # -- broadcast channel and reply mailboxes --------------------------------------------
+    # -- broadcast exchanges, reply mailboxes and the live-node registry ------------------
 
     def _cleanup(self, now: float) -> None:
-        # Old broadcasts and unread replies are dropped lazily, at most every 10 s per object.
+        # Stale control rows are dropped lazily, at most every 10 s per object.
         if now - self._last_cleanup < 10.0:
             return
         self._last_cleanup = now
         self._db.write(lambda c: (
-            c.execute("DELETE FROM broadcasts WHERE created < ?", (now - 60.0,)),
-            c.execute("DELETE FROM replies WHERE expires < ?", (now,))))
+            c.execute("DELETE FROM control_broadcasts WHERE created < ?", (now - _BROADCAST_KEEP,)),
+            c.execute("DELETE FROM control_replies WHERE expires < ?", (now,)),
+            c.execute("DELETE FROM nodes WHERE expires <= ?", (now,)),
+            c.execute("DELETE FROM mailboxes WHERE touched < ?", (now - _MAILBOX_IDLE,))))
 
-    def broadcast(self, channel: str, payload: bytes) -> None:
-        """Insert a row every current subscriber will read once."""
+    def broadcast(self, exchange: str, message: ControlMessage) -> None:
+        """Insert a row every current subscriber of ``exchange`` with a matching pattern reads once."""
         now = time.time()
-        self._db.execute("INSERT INTO broadcasts (channel, payload, created) VALUES (?, ?, ?)",
-                         (channel, sqlite3.Binary(_as_bytes(payload)), now))
+        self._db.execute("INSERT INTO control_broadcasts (exchange, routing_key, headers, body,"
+                         " created) VALUES (?, ?, ?, ?, ?)", (exchange, *_control_row(message), now))
         self._cleanup(now)
 
-    def subscribe(self, channel: str) -> Subscription:
-        """A cursor on ``channel`` starting after the newest broadcast."""
-        return SqliteSubscription(self, channel)
+    def subscribe(self, exchange: str, pattern: str = "#", name: str | None = None) -> Subscription:
+        """A cursor on ``exchange`` after the newest broadcast (no queue: ``name`` is unused)."""
+        return SqliteSubscription(self, exchange, pattern)
 
-    def put_reply(self, mailbox: str, payload: bytes, ttl: float = 60.0) -> None:
-        """Insert a reply that expires after ``ttl`` s."""
+    def open_mailbox(self, mailbox: str) -> None:
+        """Record ``mailbox`` as open (again): replies to it are kept from now on."""
+        self._db.execute("INSERT OR REPLACE INTO mailboxes (name, touched) VALUES (?, ?)",
+                         (mailbox, time.time()))
+
+    def put_reply(self, mailbox: str, message: ControlMessage, ttl: float = 60.0) -> None:
+        """Insert a reply that expires after ``ttl`` s unless ``mailbox`` is not open (one statement)."""
         now = time.time()
-        self._db.execute("INSERT INTO replies (mailbox, payload, expires) VALUES (?, ?, ?)",
-                         (mailbox, sqlite3.Binary(_as_bytes(payload)), now + ttl))
+        self._db.execute(
+            "INSERT INTO control_replies (mailbox, routing_key, headers, body, expires)"
+            " SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM mailboxes WHERE name = ?)",
+            (mailbox, *_control_row(message), now + ttl, mailbox))
         self._cleanup(now)
 
-    def get_replies(self, mailbox: str, timeout: float) -> list[bytes]:
+    def get_replies(self, mailbox: str, timeout: float) -> list[ControlMessage]:
         """Take (delete) the waiting replies; the write lock is taken only when some wait."""
-        deadline = time.monotonic() + max(timeout, 0.0)
-
-        def take(conn: sqlite3.Connection) -> list[bytes]:
-            rows = conn.execute("DELETE FROM replies WHERE mailbox = ? RETURNING id, payload, expires",
-                                (mailbox,)).fetchall()
+        def take(conn: sqlite3.Connection) -> list[ControlMessage]:
             now = time.time()
-            return [_as_bytes(p) for _, p, exp in sorted(rows) if exp is None or exp >= now]
+            rows = conn.execute("DELETE FROM control_replies WHERE mailbox = ?"
+                                " RETURNING id, routing_key, headers, body, expires",
+                                (mailbox,)).fetchall()
+            conn.execute("UPDATE mailboxes SET touched = ? WHERE name = ?", (now, mailbox))
+            return [decode_control(*row[1:4]) for row in sorted(rows)
+                    if row[4] is None or row[4] >= now]
 
-        while True:
-            version = self._db.data_version()
+        def check() -> list[ControlMessage]:
             waiting = self._db.read(lambda c: c.execute(
-                "SELECT 1 FROM replies WHERE mailbox = ? LIMIT 1", (mailbox,)).fetchone())
-            if waiting:
-                got = self._db.write(take)
-                if got:
-                    return got
-                continue          # only expired ones were there; they are gone now
-            if not self._db.wait_change(version, deadline):
-                return []
+                "SELECT 1 FROM control_replies WHERE mailbox = ? AND expires >= ? LIMIT 1",
+                (mailbox, time.time())).fetchone())
+            return self._db.write(take) if waiting else []
+        return self._db.poll(check, timeout)
+
+    def close_mailbox(self, mailbox: str) -> None:
+        """Forget ``mailbox`` and delete its unread replies."""
+        self._db.write(lambda c: (
+            c.execute("DELETE FROM mailboxes WHERE name = ?", (mailbox,)),
+            c.execute("DELETE FROM control_replies WHERE mailbox = ?", (mailbox,))))
+
+    def announce_node(self, nodename: str, ttl: float) -> None:
+        """``nodename`` is alive until ``ttl`` s from now."""
+        now = time.time()
+        self._db.execute("INSERT OR REPLACE INTO nodes (name, expires) VALUES (?, ?)",
+                         (nodename, now + ttl))
+        self._cleanup(now)
+
+    def forget_node(self, nodename: str) -> None:
+        """Delete ``nodename`` from the registry."""
+        self._db.execute("DELETE FROM nodes WHERE name = ?", (nodename,))
+
+    def live_nodes(self) -> set[str] | None:
+        """Names whose announcement has not expired."""
+        return {row[0] for row in self._db.read(lambda c: c.execute(
+            "SELECT name FROM nodes WHERE expires > ?", (time.time(),)).fetchall())}
 
     # -- life cycle -----------------------------------------------------------------------
 

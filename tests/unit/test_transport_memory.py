@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from qctl.transports import Delivery, Envelope, by_url
+from qctl.transports import ControlMessage, Delivery, Envelope, by_url
 from qctl.transports.memory import MemoryTransport
 
 pytestmark = pytest.mark.timeout(60)
@@ -51,6 +51,19 @@ def make(request, tmp_path):
 
 def bodies(deliveries: list[Delivery]) -> list[bytes]:
     return [d.envelope.body for d in deliveries]
+
+
+def ctl(body: bytes = b"{}", routing_key: str = "", **headers) -> ControlMessage:
+    return ControlMessage(body=body, headers=headers, routing_key=routing_key)
+
+
+def payloads(messages: list[ControlMessage]) -> list[bytes]:
+    assert all(isinstance(m, ControlMessage) for m in messages), messages
+    return [m.body for m in messages]
+
+
+def keys(messages: list[ControlMessage]) -> list[str]:
+    return [m.routing_key for m in messages]
 
 
 def test_publish_fetch_ack(make):
@@ -236,51 +249,165 @@ def test_requeued_dead_letter_keeps_priority(make):
 def test_broadcast_each_subscriber_once(make):
     t, other = make(), make()
     s1, s2 = t.subscribe("ctl"), other.subscribe("ctl")
-    t.broadcast("ctl", b"one")
-    other.broadcast("ctl", b"two")
-    t.broadcast("elsewhere", b"no")
-    assert s1.get(1.0) == [b"one", b"two"]
-    assert s2.get(1.0) == [b"one", b"two"]
+    t.broadcast("ctl", ctl(b'"one"'))
+    other.broadcast("ctl", ctl(b'"two"'))
+    t.broadcast("elsewhere", ctl(b'"no"'))
+    assert payloads(s1.get(1.0)) == [b'"one"', b'"two"']
+    assert payloads(s2.get(1.0)) == [b'"one"', b'"two"']
     assert s1.get(0.05) == [] and s2.get(0.05) == []
     late = t.subscribe("ctl")
     assert late.get(0.05) == []
-    t.broadcast("ctl", b"three")
-    assert s1.get(1.0) == s2.get(1.0) == late.get(1.0) == [b"three"]
+    t.broadcast("ctl", ctl(b'"three"'))
+    assert payloads(s1.get(1.0)) == payloads(s2.get(1.0)) == payloads(late.get(1.0)) == [b'"three"']
     s1.close()
     s1.close()
-    t.broadcast("ctl", b"four")
-    assert s2.get(1.0) == [b"four"]
+    t.broadcast("ctl", ctl(b'"four"'))
+    assert payloads(s2.get(1.0)) == [b'"four"']
+    assert s1.get(0.05) == []
+
+
+def test_broadcast_without_subscribers_is_dropped(make):
+    t = make()
+    t.broadcast("nobody-listens", ctl(b'"lost"'))
+    sub = t.subscribe("nobody-listens")
+    assert sub.get(0.05) == []
 
 
 def test_broadcast_wakes_waiting_subscriber(make):
     t = make()
     sub = t.subscribe("ctl")
-    sender = threading.Timer(0.1, lambda: make().broadcast("ctl", b"hi"))
+    sender = threading.Timer(0.1, lambda: make().broadcast("ctl", ctl(b'"hi"')))
     sender.start()
     started = time.monotonic()
-    assert sub.get(5.0) == [b"hi"]
+    assert payloads(sub.get(5.0)) == [b'"hi"']
     assert time.monotonic() - started < 0.9
+    sender.join()
+
+
+def test_broadcast_headers_and_routing_key_round_trip(make):
+    t = make()
+    a, b = make().subscribe("celery.pidbox"), t.subscribe("celery.pidbox")
+    headers = {"clock": 7, "expires": 1712345678.25, "ticket": "t-1", "nested": {"a": [1, "x", None]}}
+    sent = ControlMessage(b'{"method": "ping", "arguments": {}}', headers, "pidbox.ping")
+    t.broadcast("celery.pidbox", sent)
+    headers["clock"] = 8                              # the sender's later changes do not leak
+    [got_a], [got_b] = a.get(1.0), b.get(1.0)
+    expected = ControlMessage(b'{"method": "ping", "arguments": {}}',
+                              {"clock": 7, "expires": 1712345678.25, "ticket": "t-1",
+                               "nested": {"a": [1, "x", None]}}, "pidbox.ping")
+    assert got_a == got_b == expected
+    got_a.headers["nested"]["a"].append(2)            # nor one subscriber's to another
+    assert got_b == expected
+    t.broadcast("celery.pidbox", ControlMessage(b"{}"))
+    [bare] = a.get(1.0)
+    assert (bare.headers, bare.routing_key) == ({}, "")
+
+
+def test_broadcast_topic_patterns(make):
+    t = make()
+    every, default = t.subscribe("celeryev", "#"), make().subscribe("celeryev")
+    workers = make().subscribe("celeryev", "worker.*", name="w1@host.celeryev")
+    exact = t.subscribe("celeryev", "task.succeeded")
+    tasks = t.subscribe("celeryev", "task.#")
+    sent = ["worker.heartbeat", "worker.online.late", "task.succeeded", "task.failed", "task",
+            "workers.heartbeat", ""]
+    for key in sent:
+        t.broadcast("celeryev", ctl(b"{}", routing_key=key))
+    t.broadcast("other", ctl(b"{}", routing_key="worker.heartbeat"))
+    assert keys(every.get(1.0)) == keys(default.get(1.0)) == sent
+    assert keys(workers.get(1.0)) == ["worker.heartbeat"]
+    assert keys(exact.get(1.0)) == ["task.succeeded"]
+    assert keys(tasks.get(1.0)) == ["task.succeeded", "task.failed", "task"]
+    assert workers.get(0.05) == exact.get(0.05) == []
+
+    # A waiting subscriber skips what does not match and keeps waiting for what does.
+    def send():
+        t.broadcast("celeryev", ctl(b"{}", routing_key="task.received"))
+        time.sleep(0.1)
+        make().broadcast("celeryev", ctl(b"{}", routing_key="worker.offline"))
+    sender = threading.Timer(0.05, send)
+    sender.start()
+    assert keys(workers.get(5.0)) == ["worker.offline"]
     sender.join()
 
 
 def test_mailboxes(make):
     t = make()
-    t.put_reply("box", b"r1")
-    make().put_reply("box", b"r2")
-    t.put_reply("other", b"x")
-    assert t.get_replies("box", 1.0) == [b"r1", b"r2"]
+    t.open_mailbox("box")
+    t.open_mailbox("box")                             # idempotent
+    t.open_mailbox("other")
+    t.put_reply("box", ctl(b'"r1"', ticket="tk", clock=3))
+    make().put_reply("box", ctl(b'"r2"'))
+    t.put_reply("other", ctl(b'"x"'))
+    t.put_reply("never-opened", ctl(b'"lost"'))       # nobody asked: dropped
+    got = t.get_replies("box", 1.0)
+    assert payloads(got) == [b'"r1"', b'"r2"']
+    assert got[0].headers == {"ticket": "tk", "clock": 3}
     assert t.get_replies("box", 0.05) == []
-    t.put_reply("box", b"short", ttl=0.05)
+    t.put_reply("box", ctl(b'"short"'), ttl=0.05)
     time.sleep(0.1)
     assert t.get_replies("box", 0.05) == []
-    assert t.get_replies("other", 0) == [b"x"]
+    assert payloads(t.get_replies("other", 0)) == [b'"x"']
+    t.open_mailbox("never-opened")
+    assert t.get_replies("never-opened", 0.05) == []
 
-    sender = threading.Timer(0.1, lambda: make().put_reply("box", b"late"))
+    sender = threading.Timer(0.1, lambda: make().put_reply("box", ctl(b'"late"')))
     sender.start()
     started = time.monotonic()
-    assert t.get_replies("box", 5.0) == [b"late"]
+    assert payloads(t.get_replies("box", 5.0)) == [b'"late"']
     assert time.monotonic() - started < 0.9
     sender.join()
+
+
+def test_close_mailbox_deletes_it(make):
+    t, worker = make(), make()
+    t.open_mailbox("box")
+    worker.put_reply("box", ctl(b'"unread"'))
+    t.close_mailbox("box")
+    t.close_mailbox("box")                            # idempotent
+    t.close_mailbox("never-opened")
+    worker.put_reply("box", ctl(b'"too late"'))        # its client left: dropped
+    t.open_mailbox("box")
+    assert t.get_replies("box", 0.05) == []
+    worker.put_reply("box", ctl(b'"again"'))
+    assert payloads(t.get_replies("box", 1.0)) == [b'"again"']
+
+
+def test_reply_arrives_within_milliseconds(make):
+    client, worker = make(), make()
+    client.open_mailbox("fast")
+    latencies = []
+    for n in range(5):
+        sent_at = []
+
+        def send():
+            sent_at.append(time.monotonic())
+            worker.put_reply("fast", ctl(str(n).encode()))
+        sender = threading.Timer(0.03, send)
+        sender.start()
+        assert payloads(client.get_replies("fast", 5.0)) == [str(n).encode()]
+        latencies.append(time.monotonic() - sent_at[0])
+        sender.join()
+    latencies.sort()
+    assert latencies[2] < 0.02, latencies             # a few ms, not a polling second
+    assert latencies[-1] < 0.25, latencies
+
+
+def test_node_registry(make):
+    a, b = make(), make()
+    assert a.live_nodes() == set()
+    a.announce_node("w1@host", 30)
+    b.announce_node("w2@host", 0.2)
+    assert a.live_nodes() == b.live_nodes() == {"w1@host", "w2@host"}
+    wait_until(lambda: a.live_nodes() == {"w1@host"}, timeout=3)
+    b.announce_node("w2@host", 30)                    # announced again: alive again
+    assert a.live_nodes() == {"w1@host", "w2@host"}
+    a.forget_node("w1@host")
+    a.forget_node("w1@host")                          # idempotent
+    b.forget_node("never-announced")
+    assert b.live_nodes() == {"w2@host"}
+    b.announce_node("w3@host", 0)                     # no time to live: not alive
+    assert a.live_nodes() == {"w2@host"}
 
 
 def test_fetch_wakes_promptly_on_publish(make):

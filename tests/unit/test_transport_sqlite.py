@@ -1,4 +1,5 @@
-"""SQLite broker specifics: URLs, files, malformed rows, fork safety, many processes.
+"""SQLite broker specifics: URLs, files, malformed rows, fork safety, many processes, and how
+remote-control messages are stored (also across processes and in files of older versions).
 
 The shared transport contract (also run against sqlite) is in test_transport_memory.py.
 """
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from qctl.exceptions import ImproperlyConfigured, OperationalError
-from qctl.transports import Envelope, by_url
+from qctl.transports import ControlMessage, Envelope, by_url
 from qctl.transports.sqlite import SqliteTransport, path_from_url
 
 pytestmark = pytest.mark.timeout(60)
@@ -264,3 +265,142 @@ def test_four_processes_receive_each_message_exactly_once(url, tmp_path):
     with raw(publisher) as conn:
         assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
     publisher.close()
+
+
+# -- remote control: broadcasts, mailboxes, node registry ----------------------------------
+
+def test_control_rows_stored_as_columns(transport):
+    transport.broadcast("celeryev", ControlMessage(b'{"type": "worker-heartbeat"}',
+                                                   {"hostname": "w1@h", "n": [1]}, "worker.heartbeat"))
+    transport.open_mailbox("box")
+    transport.put_reply("box", ControlMessage(b'{"ok": "pong"}', {"ticket": "t1"}), ttl=30)
+    transport.announce_node("w1@h", 10)
+    with raw(transport) as conn:
+        exchange, key, headers, body = conn.execute(
+            "SELECT exchange, routing_key, headers, body FROM control_broadcasts").fetchone()
+        mailbox, reply_headers, expires = conn.execute(
+            "SELECT mailbox, headers, expires FROM control_replies").fetchone()
+        [(name, node_expires)] = conn.execute("SELECT name, expires FROM nodes").fetchall()
+    assert (exchange, key, body) == ("celeryev", "worker.heartbeat", b'{"type": "worker-heartbeat"}')
+    assert json.loads(headers) == {"hostname": "w1@h", "n": [1]}
+    assert (mailbox, json.loads(reply_headers)) == ("box", {"ticket": "t1"})
+    assert expires == pytest.approx(time.time() + 30, abs=5)
+    assert name == "w1@h" and node_expires == pytest.approx(time.time() + 10, abs=5)
+
+
+def test_malformed_control_headers_read_as_empty(transport):
+    sub = transport.subscribe("ex")
+    transport.open_mailbox("box")
+    with raw(transport) as conn:
+        conn.execute("INSERT INTO control_broadcasts (exchange, routing_key, headers, body, created)"
+                     " VALUES ('ex', 'k', 'not json', X'7B7D', 0), ('ex', 'k', '[1]', NULL, 0)")
+        conn.execute("INSERT INTO control_replies (mailbox, headers, body, expires)"
+                     " VALUES ('box', '{', 'text', 1e12)")
+    assert sub.get(1.0) == [ControlMessage(b"{}", {}, "k"), ControlMessage(b"", {}, "k")]
+    assert transport.get_replies("box", 1.0) == [ControlMessage(b"text", {}, "")]
+
+
+def test_idle_subscription_and_mailbox_take_no_write_lock(transport):
+    sub = transport.subscribe("ex", "worker.*")
+    transport.open_mailbox("box")
+    transport.broadcast("ex", ControlMessage(b"{}", {}, "task.sent"))     # not matching
+    conn = transport._db.conn()
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        assert sub.get(0.3) == []
+        assert transport.get_replies("box", 0.3) == []
+    finally:
+        conn.set_trace_callback(None)
+    writes = [s for s in statements if s.startswith(("BEGIN", "UPDATE", "INSERT", "DELETE"))]
+    assert writes == []
+    assert sum(s == "PRAGMA data_version" for s in statements) > 20   # it did poll
+
+
+def test_cleanup_drops_stale_control_rows(transport):
+    transport.open_mailbox("fresh")
+    transport.announce_node("alive", 60)
+    with raw(transport) as conn:
+        conn.execute("INSERT INTO control_broadcasts (exchange, routing_key, headers, body, created)"
+                     " VALUES ('ex', '', '{}', X'00', ?)", (time.time() - 600,))
+        conn.execute("INSERT INTO mailboxes (name, touched) VALUES ('gone', ?)", (time.time() - 2 * 86400,))
+        conn.execute("INSERT INTO control_replies (mailbox, headers, body, expires)"
+                     " VALUES ('fresh', '{}', X'00', ?)", (time.time() - 1,))
+        conn.execute("INSERT INTO nodes (name, expires) VALUES ('dead', ?)", (time.time() - 1,))
+    transport._last_cleanup = 0.0
+    transport.announce_node("alive", 60)              # heartbeats run the cleanup
+    with raw(transport) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM control_broadcasts").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM control_replies").fetchone()[0] == 0
+        assert conn.execute("SELECT name FROM mailboxes").fetchall() == [("fresh",)]
+        assert conn.execute("SELECT name FROM nodes").fetchall() == [("alive",)]
+
+
+def test_file_of_an_older_version(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        conn.executescript(
+            "CREATE TABLE broadcasts (id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT,"
+            " payload BLOB, created REAL);"
+            "CREATE TABLE replies (id INTEGER PRIMARY KEY AUTOINCREMENT, mailbox TEXT,"
+            " payload BLOB, expires REAL);"
+            "INSERT INTO broadcasts (channel, payload, created) VALUES ('ctl', X'01', 0);"
+            "INSERT INTO replies (mailbox, payload, expires) VALUES ('box', X'02', 1e12);")
+    t = SqliteTransport(f"sqlite:///{path}")
+    sub = t.subscribe("ctl")
+    t.open_mailbox("box")
+    t.broadcast("ctl", ControlMessage(b'"new"', {"clock": 1}))
+    t.put_reply("box", ControlMessage(b'"reply"'))
+    assert sub.get(1.0) == [ControlMessage(b'"new"', {"clock": 1})]
+    assert t.get_replies("box", 1.0) == [ControlMessage(b'"reply"')]
+    with raw(t) as conn:                              # the old tables are left alone
+        assert conn.execute("SELECT COUNT(*) FROM broadcasts").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM replies").fetchone()[0] == 1
+    t.close()
+
+
+def _control_child(url, go, pipe):
+    try:
+        t = SqliteTransport(url)
+        go.wait(30)
+        t.announce_node("child@host", 30)
+        t.broadcast("celeryev", ControlMessage(b'{"type": "worker-online"}', {"pid": 1}, "worker.online"))
+        t.broadcast("celeryev", ControlMessage(b"{}", {}, "task.received"))
+        t.put_reply("client-box", ControlMessage(b'{"child@host": {"ok": "pong"}}', {"ticket": "t9"}))
+        sub = t.subscribe("celery.pidbox")
+        pipe.send("subscribed")
+        [request] = sub.get(20.0)
+        t.put_reply("client-box", ControlMessage(request.body, {"ticket": request.headers["ticket"]}))
+        t.forget_node("child@host")
+        t.close()
+        pipe.send("done")
+    except BaseException as exc:  # report instead of dying silently
+        pipe.send(repr(exc))
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_control_across_processes(url, start_method):
+    client = SqliteTransport(url)
+    events = client.subscribe("celeryev", "worker.*")
+    client.open_mailbox("client-box")
+    ctx = multiprocessing.get_context(start_method)
+    go = ctx.Event()
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=_control_child, args=(url, go, theirs))
+    child.start()
+    go.set()
+    assert events.get(20.0) == [ControlMessage(b'{"type": "worker-online"}', {"pid": 1}, "worker.online")]
+    assert client.get_replies("client-box", 20.0) == [
+        ControlMessage(b'{"child@host": {"ok": "pong"}}', {"ticket": "t9"})]
+    assert client.live_nodes() == {"child@host"}
+    assert ours.poll(20) and ours.recv() == "subscribed"
+    client.broadcast("celery.pidbox", ControlMessage(b'{"method": "ping"}', {"ticket": "t10"}))
+    started = time.monotonic()
+    assert client.get_replies("client-box", 20.0) == [ControlMessage(b'{"method": "ping"}', {"ticket": "t10"})]
+    assert time.monotonic() - started < 5.0
+    assert ours.poll(20) and ours.recv() == "done"
+    child.join(30)
+    assert child.exitcode == 0
+    assert client.live_nodes() == set()
+    client.close_mailbox("client-box")
+    client.close()
