@@ -46,15 +46,12 @@ with a ``*``/``#`` word cannot be routed so: their ETA messages go direct, the w
 acked; ``dead_letters`` browses with ``basic_get`` on a channel it closes, which puts them back
 in order (a concurrent reader sees fewer meanwhile).
 
-**Broadcasts and replies, as Celery's pidbox**: ``broadcast(channel)`` publishes to exchange
-``channel``, fanout and not durable (``celery.pidbox``), or for ``event_exchange`` (default
-``celeryev``) topic and durable with the routing key from the payload's ``type``
-(``worker-heartbeat`` -> ``worker.heartbeat``; a list -> ``task.multi``); ``subscribe`` binds an
-exclusive auto-delete queue. Replies go to ``reply.<control_exchange>.pidbox`` with routing key =
-mailbox; our reader's queue ``<mailbox>.reply.celery.pidbox`` is not exclusive and has
-``x-expires``, so a reply we send before its reader comes waits; Celery workers reply without
-``mandatory``, so a client must open its mailbox (``get_replies(mailbox, 0)``) before it
-broadcasts. After ``os.fork()`` the child opens its own connections, never the parent's.
+**Remote control and events, as Celery's pidbox**: ``qctl.transports.amqp_pidbox`` declares
+Celery's exchanges and queues exactly (fanout ``celery.pidbox``, topic ``celeryev``, direct
+``reply.celery.pidbox``, exclusive ``<node>.celery.pidbox``, ``celeryev.<uuid>`` and
+``<oid>.reply.celery.pidbox``) and explains why ``live_nodes()`` is None on RabbitMQ. A client
+opens its mailbox (``open_mailbox``) before it asks: Celery workers reply without ``mandatory``.
+After ``os.fork()`` the child opens its own connections, never the parent's.
 """
 from __future__ import annotations
 
@@ -126,9 +123,7 @@ class AmqpTransport(Consumer, DelayQueues, DeadLetters, Pidbox, Transport):
         self._global_qos = True
         self._ops: list[_Op] = []
         self._ops_lock = threading.Lock()
-        self._mailbox_lock = threading.RLock()
-        self._mailbox: Link | None = None
-        self._boxes: dict[str, deque] = {}
+        self._reset_pidbox()
         self._subscriptions: weakref.WeakSet = weakref.WeakSet()
         self._pump_stop: threading.Event | None = None
         self._backoff = 0.1
@@ -338,9 +333,6 @@ class AmqpTransport(Consumer, DelayQueues, DeadLetters, Pidbox, Transport):
             pubs, self._pubs = list(self._pubs.values()), {}
         for link in pubs:
             self._close_link(link)
-        with self._mailbox_lock:
-            if self._mailbox is not None:
-                self._mailbox.close()
-            self._mailbox = None
+        self._close_mailboxes()
         for sub in list(self._subscriptions):
             sub.close()

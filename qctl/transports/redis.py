@@ -15,14 +15,30 @@ way round. Keys (in the URL's db, no prefix)::
     qctl.delivery_count, qctl.seq        hash tag -> times fetched; counter (fetch order, tags)
     qctl.delayed[_msgs].<queue>          zset tag -> ETA; hash tag -> "<band 0-3> <envelope>"
     qctl.dead, qctl.dead_seq             list of JSON dead-letter records; their id counter
-    <mailbox>                            list of control replies (LPUSH; read with BRPOP)
+    _kombu.binding_deadlines             zset (kombu 5.7) exchange -> binding sweep deadline (ms)
+    <oid>.reply.celery.pidbox            list (kombu): control replies for client <oid>
+    qctl.nodes                           zset nodename -> expiry (server time): live workers
 
-PUB/SUB: ``broadcast`` publishes on ``/<db>.<channel>`` (kombu's fanout naming: ``celery.pidbox``
-is ``/0.celery.pidbox``; a channel with ``*`` is PSUBSCRIBEd). Every qctl publish or give-back
-also publishes on ``qctl.notify.<db>.<queue>``, which idle consumers subscribe to, so they wake
-at once. A message from a producer that does not notify (a Celery client) is found by the idle
-re-check (``idle_poll_interval``, 1 s); after one such message a consumer re-checks every
-``poll_interval`` (0.05 s) for a minute.
+Remote control and events, as kombu 5.7 and Celery put them on Redis (``celery-wire.md`` §2.7,
+§2.8, §3, §6.1): every message is a kombu envelope (as on a queue; delivery_mode 2 for pidbox
+requests, 1 for events and replies). ``broadcast`` PUBLISHes on ``/<db>.<exchange>``, plus
+``/<routing key>`` when it has one (kombu's fanout_patterns): ``/0.celery.pidbox``,
+``/0.celeryev/worker.heartbeat``. ``subscribe`` PSUBSCRIBEs as kombu, ``/<db>.<exchange>/<pattern
+with # as *>`` (``/0.celeryev/*``), plus the pattern without each ``#`` (so the ``#`` subscriber
+of ``celery.pidbox`` also has kombu's ``/0.celery.pidbox``), and keeps what the AMQP pattern
+matches; with a ``name`` it also leaves kombu's binding ``\\x06\\x16\\x06\\x16<name>`` in
+``_kombu.binding.celery.pidbox``. Replies are not PUB/SUB: the client's ``open_mailbox(oid)``
+adds ``<oid>\\x06\\x16\\x06\\x16<oid>.reply.celery.pidbox`` to ``_kombu.binding.reply.celery.pidbox``
+(and, as kombu 5.7, pushes the exchange's deadline in ``_kombu.binding_deadlines`` an hour out,
+so a Celery client's sweep leaves the table alone); a worker (Celery's, or ``put_reply``)
+LPUSHes its reply onto the list of every member with routing key ``<oid>``, and the client
+BRPOPs ``<oid>.reply.celery.pidbox``. ``control_exchange`` in the options renames ``celery`` in
+``reply.celery.pidbox``.
+
+Every qctl publish or give-back also publishes on ``qctl.notify.<db>.<queue>``, which idle
+consumers subscribe to, so they wake at once. A message from a producer that does not notify (a
+Celery client) is found by the idle re-check (``idle_poll_interval``, 1 s); after one such
+message a consumer re-checks every ``poll_interval`` (0.05 s) for a minute.
 
 Priority is kombu's number, as a Celery client sends it: clamped to 0..9, bands 0 (0-2),
 3 (3-5), 6 (6-8), 9, and **lower numbers are served first** (the opposite of AMQP). ``fetch``
@@ -49,6 +65,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -64,11 +81,13 @@ from redis.retry import Retry
 
 from ..conf import mask_url
 from ..exceptions import ImproperlyConfigured, OperationalError
-from . import DeadLetter, Delivery, Envelope, Subscription, Transport
+from ..routing import topic_matches
+from . import ControlMessage, DeadLetter, Delivery, Envelope, Subscription, Transport
 # Re-exported: these names have always been importable from this module.
 from .redis_envelope import (  # noqa: F401
-    PRIORITY_STEPS, SEP, TRANSPORT_PROPERTIES, band_index, decode_envelope, encode_envelope,
-    list_key, one_line)
+    PRIORITY_STEPS, SEP, TRANSPORT_PROPERTIES, band_index, binding_key, decode_control,
+    decode_envelope, encode_control, encode_envelope, fanout_topic, is_pidbox, list_key, one_line,
+    subscribe_globs)
 from .redis_scripts import FETCH, _PRELUDE, _SCRIPTS  # noqa: F401
 
 _RESTORE_EVERY = 1.0      # seconds between expired-lease sweeps by one fetching object
@@ -76,10 +95,15 @@ _BATCH = 1000             # leases restored / renewed per script run (bounds its
 _MAX_BLOCK = 5.0          # longest single blocking call; below socket_timeout
 _DEFER_AFTER = 0.0     # seconds: ETA messages further away are not handed out (deferred)
 _FAST_POLL_FOR = 60.0     # seconds of fast polling after a message came without notification
+#: kombu 5.7's binding refresh for queues with x-expires (pidbox, reply and event queues):
+#: the exchange's sweep deadline is pushed to now + max(2 x-expires, 1 h), every third of that.
+_BINDING_TTL = 3600.0
 _CERT_REQS = {"CERT_REQUIRED": "required", "CERT_OPTIONAL": "optional", "CERT_NONE": "none"}
 #: Clients a forked child inherited: kept referenced, so garbage collection in the child never
 #: touches sockets that belong to the parent.
 _INHERITED: list[Any] = []
+
+logger = logging.getLogger(__name__)
 
 
 def _text(value: Any) -> str:
@@ -137,37 +161,96 @@ def confirm(pubsub: Any, channels: set[str], kind: str = "subscribe", timeout: f
 
 
 class RedisSubscription(Subscription):
-    """One PUB/SUB connection on ``/<db>.<channel>`` (PSUBSCRIBE when it has a ``*``)."""
+    """One PUB/SUB connection PSUBSCRIBEd as a kombu consumer of ``exchange`` bound with
+    ``pattern`` would be (``subscribe_globs``); ``get`` decodes kombu envelopes. With ``name``,
+    the kombu binding ``<rk>\\x06\\x16\\x06\\x16<name>`` is kept in ``_kombu.binding.<exchange>``
+    while it is open (what a kombu consumer's queue_bind leaves there; nothing reads it)."""
 
-    def __init__(self, transport: "RedisTransport", channel: str) -> None:
-        self._errors = transport._errors
-        self.topic = f"/{transport.db}.{channel}"
+    def __init__(self, transport: "RedisTransport", exchange: str, pattern: str,
+                 name: str | None) -> None:
+        self._transport, self._errors = transport, transport._errors
+        self.exchange, self.pattern = exchange, pattern
+        self.prefix = fanout_topic(transport.db, exchange)
+        self.globs = subscribe_globs(transport.db, exchange, pattern)
+        self._binding = (f"_kombu.binding.{exchange}",
+                         f"{binding_key(exchange, pattern)}{SEP}{SEP}{name}") if name else None
+        self._rebind_at = 0.0
+        # Overlapping globs deliver one publish once per glob, back to back: the text (with
+        # its uuid delivery tag) and the globs it already came through tell the copies apart.
+        self._last: tuple[bytes, set[bytes]] = (b"", set())
         self._lock = threading.Lock()
-        kind = "psubscribe" if "*" in channel else "subscribe"
+        self._pubsub: Any = None
         with self._errors:
-            self._pubsub = transport._redis().pubsub()
-            getattr(self._pubsub, kind)(self.topic)
-            confirm(self._pubsub, {self.topic}, kind)
+            pubsub = transport._redis().pubsub()
+            try:
+                pubsub.psubscribe(*self.globs)
+                confirm(pubsub, set(self.globs), "psubscribe")
+            except BaseException:
+                _close_quietly(pubsub)
+                raise
+        self._pubsub = pubsub
+        try:
+            self._rebind()
+        except BaseException:
+            self.close()
+            raise
 
-    def get(self, timeout: float) -> list[bytes]:
-        """Messages broadcast since the last call; waits up to ``timeout`` s for the first."""
+    def _rebind(self) -> None:
+        if self._binding is not None and time.monotonic() >= self._rebind_at:
+            key, member = self._binding
+            self._transport._run("bind", [key, member, self.exchange, int(_BINDING_TTL * 1000)])
+            self._rebind_at = time.monotonic() + _BINDING_TTL / 3
+
+    def _decode(self, message: dict[str, Any]) -> ControlMessage | None:
+        channel, data, glob = _text(message["channel"]), bytes(message["data"]), message["pattern"]
+        last, seen = self._last
+        if data == last and glob not in seen:
+            seen.add(glob)
+            return None                          # the same publish again, through another glob
+        self._last = (data, {glob})
+        routing_key = channel[len(self.prefix) + 1:] if channel.startswith(self.prefix + "/") else ""
+        if self.pattern != "#" and not topic_matches(self.pattern, routing_key):
+            return None                          # caught by a glob, not by the AMQP pattern
+        try:
+            control = decode_control(data)
+        except ValueError as exc:
+            logger.debug("skipped a message on %s that is not a kombu envelope: %s (%r)",
+                         channel, exc, data[:200])
+            return None
+        if not control.routing_key:
+            control.routing_key = routing_key
+        return control
+
+    def get(self, timeout: float) -> list[ControlMessage]:
+        """Messages broadcast since the last call; waits up to ``timeout`` s for the first.
+        What is not a kombu envelope is skipped (logged at debug level)."""
         deadline, got = time.monotonic() + max(timeout, 0.0), []
         with self._lock, self._errors:
+            if self._pubsub is not None:
+                self._rebind()
             while self._pubsub is not None:
                 left = 0.0 if got else deadline - time.monotonic()
                 message = self._pubsub.get_message(timeout=max(0.0, min(left, _MAX_BLOCK)))
                 if message is None:
                     if got or time.monotonic() >= deadline:
                         break
-                elif message["type"] in ("message", "pmessage"):
-                    got.append(bytes(message["data"]))
+                elif message["type"] == "pmessage":
+                    control = self._decode(message)
+                    if control is not None:
+                        got.append(control)
         return got
 
     def close(self) -> None:
-        """Stop receiving. Idempotent."""
+        """Stop receiving (and drop the binding). Idempotent."""
         with self._lock:
             pubsub, self._pubsub = self._pubsub, None
         _close_quietly(pubsub)
+        if pubsub is not None and self._binding is not None:
+            key, member = self._binding
+            try:
+                self._transport._redis().srem(key, member)
+            except (redis.RedisError, OSError):
+                pass
 
 
 def _close_quietly(pubsub: Any) -> None:
@@ -229,6 +312,7 @@ class RedisTransport(Transport):
         # Either way nothing is delivered before its ETA (supports_delayed_delivery holds).
         self.publish_delayed = str(self.options.get("delayed_delivery", False)).lower() \
             not in ("false", "0", "no", "off")
+        self.reply_exchange = f"reply.{self.options.get('control_exchange') or 'celery'}.pidbox"
         self._errors = Errors(url, "broker")
         self._lock = threading.Lock()
         self._client: redis.Redis | None = None
@@ -541,38 +625,100 @@ class RedisTransport(Transport):
         return int(self._pipeline(True, lambda pipe: (pipe.llen("qctl.dead"),
                                                       pipe.delete("qctl.dead")))[0])
 
-    # -- broadcast channel and reply mailboxes --------------------------------------------
+    # -- broadcast exchanges, reply mailboxes and the live-node registry ------------------
 
-    def broadcast(self, channel: str, payload: bytes) -> None:
-        """``PUBLISH /<db>.<channel> payload`` (kombu's fanout over PUB/SUB)."""
-        self._pipeline(False, lambda pipe: pipe.publish(f"/{self.db}.{channel}", payload))
+    def broadcast(self, exchange: str, message: ControlMessage) -> None:
+        """``PUBLISH /<db>.<exchange>[/<routing key>] <kombu envelope>``: kombu's fanout over
+        PUB/SUB. A pidbox request is persistent (delivery_mode 2), an event is not (1)."""
+        routing_key = message.routing_key or ""
+        text = encode_control(message, exchange, routing_key, 2 if is_pidbox(exchange) else 1,
+                              str(uuid4()))
+        client = self._redis()
+        with self._errors:
+            client.publish(fanout_topic(self.db, exchange, routing_key), text)
 
-    def subscribe(self, channel: str) -> Subscription:
-        """A PUB/SUB subscription, confirmed by the server before this returns."""
+    def subscribe(self, exchange: str, pattern: str = "#", name: str | None = None) -> Subscription:
+        """PSUBSCRIBE as kombu (``/<db>.celery.pidbox``, ``/<db>.celeryev/*``), confirmed by the
+        server before this returns; with ``name``, also kombu's binding of that queue."""
         self._redis()
-        return RedisSubscription(self, channel)
+        return RedisSubscription(self, exchange, pattern, name)
 
-    def put_reply(self, mailbox: str, payload: bytes, ttl: float = 60.0) -> None:
-        """LPUSH onto the ``mailbox`` list, which expires ``ttl`` s after the last put."""
-        self._run("put_reply", [payload, max(1, int(ttl * 1000))], [mailbox])
+    def _reply_binding(self, mailbox: str) -> tuple[str, str, str]:
+        """(binding set, member, reply list) of ``mailbox``, in kombu's pidbox layout."""
+        queue = f"{mailbox}.{self.reply_exchange}"
+        return f"_kombu.binding.{self.reply_exchange}", f"{mailbox}{SEP}{SEP}{queue}", queue
 
-    def get_replies(self, mailbox: str, timeout: float) -> list[bytes]:
-        """BRPOP the first reply (up to ``timeout`` s), then drain the rest without waiting."""
+    def open_mailbox(self, mailbox: str) -> None:
+        """Bind ``<mailbox>.reply.celery.pidbox`` to exchange ``reply.celery.pidbox`` with
+        routing key ``mailbox`` (kombu 5.7's refresh): without it Celery workers do not reply."""
+        key, member, _queue = self._reply_binding(mailbox)
+        self._run("bind", [key, member, self.reply_exchange, int(_BINDING_TTL * 1000)])
+
+    def put_reply(self, mailbox: str, message: ControlMessage, ttl: float = 60.0) -> None:
+        """Reply as a Celery worker does: LPUSH a kombu envelope onto every queue bound to
+        ``reply.celery.pidbox`` with routing key ``mailbox`` (normally one); those lists expire
+        ``ttl`` s after the last put. No binding (the client left): dropped."""
+        text = encode_control(message, self.reply_exchange, mailbox, 1, str(uuid4()))
+        self._run("put_reply", [f"_kombu.binding.{self.reply_exchange}", mailbox, text,
+                                max(1, int(ttl * 1000))])
+
+    def get_replies(self, mailbox: str, timeout: float) -> list[ControlMessage]:
+        """BRPOP the reply list (and its priority bands, as kombu) up to ``timeout`` s for the
+        first reply, then drain the rest without waiting. Undecodable entries are skipped."""
+        queue = self._reply_binding(mailbox)[2]
+        keys = [list_key(queue, band) for band in range(4)]
         client = self._redis()
         deadline = time.monotonic() + max(timeout, 0.0)
+        replies: list[ControlMessage] = []
         with self._errors:
-            first = client.rpop(mailbox)
-            while first is None:
+            while True:
+                raw: list[bytes] = []
+                while True:                 # drain, oldest first, plain list before the bands
+                    with client.pipeline(transaction=False) as pipe:
+                        for key in keys:
+                            pipe.rpop(key, 100)
+                        batches = pipe.execute()
+                    got = [x for batch in batches if batch for x in batch]
+                    if not got:
+                        break
+                    raw.extend(got)
+                replies.extend(filter(None, (self._reply(mailbox, x) for x in raw)))
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    return []
+                if replies or left <= 0:
+                    return replies
                 # BRPOP 0 would block forever: whole milliseconds, at least one.
-                popped = client.brpop([mailbox], timeout=max(0.001, round(min(left, _MAX_BLOCK), 3)))
-                first = popped[1] if popped is not None else None
-            got = [bytes(first)]
-            while more := client.rpop(mailbox, 100):
-                got.extend(bytes(x) for x in more)
-            return got
+                popped = client.brpop(keys, timeout=max(0.001, round(min(left, _MAX_BLOCK), 3)))
+                if popped is not None:
+                    replies.extend(filter(None, [self._reply(mailbox, popped[1])]))
+
+    @staticmethod
+    def _reply(mailbox: str, raw: bytes) -> ControlMessage | None:
+        try:
+            return decode_control(bytes(raw))
+        except ValueError as exc:
+            logger.debug("skipped a reply in mailbox %s that is not a kombu envelope: %s (%r)",
+                         mailbox, exc, bytes(raw)[:200])
+            return None
+
+    def close_mailbox(self, mailbox: str) -> None:
+        """Drop the binding (both of kombu's sets) and delete the reply lists. Idempotent."""
+        key, member, queue = self._reply_binding(mailbox)
+        self._pipeline(True, lambda pipe: (
+            pipe.srem(key, member),
+            pipe.srem(f"_kombu.binding_permanent.{self.reply_exchange}", member),
+            pipe.delete(*(list_key(queue, band) for band in range(4)))))
+
+    def announce_node(self, nodename: str, ttl: float) -> None:
+        """``ZADD qctl.nodes <server now + ttl> nodename``; expired entries are dropped."""
+        self._run("announce", [nodename, repr(float(ttl))])
+
+    def forget_node(self, nodename: str) -> None:
+        """``ZREM qctl.nodes nodename``. Idempotent."""
+        self._pipeline(False, lambda pipe: pipe.zrem("qctl.nodes", nodename))
+
+    def live_nodes(self) -> set[str] | None:
+        """The members of ``qctl.nodes`` whose expiry is after the server's clock."""
+        return {_text(name) for name in self._run("live_nodes", [])}
 
     # -- life cycle -----------------------------------------------------------------------
 

@@ -2,9 +2,10 @@
 
 ``_PRELUDE`` (key names and shared functions: lease bookkeeping, ``give_back``, kombu's
 ``redelivered`` flags inserted into the JSON text by ``mark_redelivered``, dead-letter records)
-is prepended to every script except ``publish`` and ``put_reply``; ``FETCH`` is the atomic
-leased fetch; ``_SCRIPTS`` maps each script name ``RedisTransport._run`` takes to its full text.
-The keys they use are listed in the docstring of ``qctl.transports.redis``.
+is prepended to every script except ``publish`` and the remote-control ones (``put_reply``,
+``bind``, ``announce``, ``live_nodes``); ``FETCH`` is the atomic leased fetch; ``_SCRIPTS``
+maps each script name ``RedisTransport._run`` takes to its full text. The keys they use are
+listed in the docstring of ``qctl.transports.redis``.
 """
 
 # Key names are built inside the scripts (kombu's fixed names; queue lists from ARGV or from
@@ -278,6 +279,44 @@ _SCRIPTS["publish"] = """if ARGV[3] then
   redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3]); redis.call('HSET', KEYS[2], ARGV[3], ARGV[5] .. ' ' .. ARGV[1])
 else redis.call('LPUSH', KEYS[1], ARGV[1]) end
 redis.call('PUBLISH', ARGV[2], '')"""
-# KEYS[1]: mailbox. ARGV: payload, ttl ms. The list keeps the longest TTL asked for.
-_SCRIPTS["put_reply"] = """redis.call('LPUSH', KEYS[1], ARGV[1])
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end"""
+# Remote control (kombu's pidbox layout; no KEYS: the key names come in ARGV, single Redis).
+# ARGV: binding set (_kombu.binding.<exchange>), routing key, envelope, ttl ms. A Celery
+# worker's reply: the queues of the members "<rk>\x06\x16<pattern>\x06\x16<queue>" whose routing
+# key is ours (kombu's direct lookup, a set), LPUSH to each; no binding, no push. Each list keeps
+# the longest TTL asked for. Returns how many lists got it.
+_SCRIPTS["put_reply"] = r"""local sep, seen, n = '\6\22', {}, 0
+for _, m in ipairs(redis.call('SMEMBERS', ARGV[1])) do
+  local i = string.find(m, sep, 1, true)
+  local j = i and string.find(m, sep, i + 2, true)
+  if j and string.sub(m, 1, i - 1) == ARGV[2] then
+    local queue = string.sub(m, j + 2)
+    if not seen[queue] then
+      seen[queue] = true
+      n = n + 1
+      redis.call('LPUSH', queue, ARGV[3])
+      if redis.call('PTTL', queue) < tonumber(ARGV[4]) then redis.call('PEXPIRE', queue, ARGV[4]) end
+    end
+  end
+end
+return n"""
+# ARGV: binding set, member, exchange, ttl ms. kombu 5.7's REFRESH_BINDING: SADD the member and
+# push the exchange's sweep deadline (server ms) out to now + ttl, never back (ZADD GT, written
+# out for Redis < 6.2).
+_SCRIPTS["bind"] = r"""pcall(redis.replicate_commands)
+redis.call('SADD', ARGV[1], ARGV[2])
+local t = redis.call('TIME')
+local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[4])
+local current = redis.call('ZSCORE', '_kombu.binding_deadlines', ARGV[3])
+if not current or tonumber(current) < deadline then
+  redis.call('ZADD', '_kombu.binding_deadlines', string.format('%d', deadline), ARGV[3])
+end"""
+# The live-node registry: zset qctl.nodes, nodename -> expiry (server seconds).
+# ARGV: nodename, ttl s. Also drops the entries that expired (cheap: O(log n) when none).
+_SCRIPTS["announce"] = r"""pcall(redis.replicate_commands)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', 'qctl.nodes', string.format('%.6f', now + tonumber(ARGV[2])), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', 'qctl.nodes', '-inf', string.format('%.6f', now))"""
+_SCRIPTS["live_nodes"] = r"""local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+return redis.call('ZRANGEBYSCORE', 'qctl.nodes', '(' .. string.format('%.6f', now), '+inf')"""

@@ -1,15 +1,19 @@
 """The transport contract on a real RabbitMQ node, plus what only AMQP has: Celery's
 declarations, publisher confirms, delay queues for ETAs, manual acks and redelivery,
-pidbox-shaped broadcasts and mailboxes, pika's header types, reconnection.
+Celery's pidbox and event declarations, control messages and reply mailboxes, pika's header
+types, reconnection.
 
 Differences from the shared contract (test_transport_memory.py), all AMQP semantics: a tag
 belongs to the channel that delivered it (a redelivery has a new one); deliveries report the
 AMQP exchange and routing key (``""`` and the queue, as Celery publishes); messages in a
 consumer's prefetch buffer stay with it until it fetches or releases them; priorities need a
-queue declared with ``max_priority``; the order across several queues is the broker's.
+queue declared with ``max_priority``; the order across several queues is the broker's; a reply
+to a mailbox nobody opened is dropped (Celery workers reply without ``mandatory``), a fanout
+exchange's subscriber applies its pattern itself, and ``live_nodes()`` is None.
 """
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import threading
@@ -21,7 +25,7 @@ import pika.exceptions as pex
 import pytest
 
 from qctl.exceptions import ImproperlyConfigured, OperationalError
-from qctl.transports import Envelope, by_url
+from qctl.transports import ControlMessage, Envelope, by_url
 from qctl.transports.amqp import AmqpTransport, Tag
 from tests.servers_rabbit import rabbit  # noqa: F401 - the session's RabbitMQ node
 
@@ -262,56 +266,154 @@ def test_requeued_dead_letter_keeps_priority(make, q):
     assert bodies(collect(make(), [q], 2)) == [b"high", b"low"]
 
 
+def cm(body: bytes, routing_key: str = "", **headers) -> ControlMessage:
+    return ControlMessage(body, headers, routing_key)
+
+
 def test_broadcast_each_subscriber_once(make):
     t, other = make(), make()
-    ch = f"ctl-{uuid.uuid4().hex[:6]}"
+    ch = f"ctl-{uuid.uuid4().hex[:6]}.pidbox"
     s1, s2 = t.subscribe(ch), other.subscribe(ch)
-    t.broadcast(ch, b"one")
-    other.broadcast(ch, b"two")
-    t.broadcast(ch + "-elsewhere", b"no")
-    assert s1.get(1.0) + s1.get(0.2) == [b"one", b"two"]
-    assert s2.get(1.0) + s2.get(0.2) == [b"one", b"two"]
+    t.broadcast(ch, cm(b'"one"'))
+    other.broadcast(ch, cm(b'"two"'))
+    t.broadcast(ch + "-elsewhere", cm(b'"no"'))
+    got = s1.get(1.0) + s1.get(0.2)
+    assert [m.body for m in got] == [b'"one"', b'"two"'] and all(isinstance(m, ControlMessage) for m in got)
+    assert [m.body for m in s2.get(1.0) + s2.get(0.2)] == [b'"one"', b'"two"']
     assert s1.get(0.05) == [] and s2.get(0.05) == []
     late = t.subscribe(ch)
     assert late.get(0.05) == []
-    t.broadcast(ch, b"three")
-    assert s1.get(1.0) == s2.get(1.0) == late.get(1.0) == [b"three"]
+    t.broadcast(ch, cm(b'"three"'))
+    assert [m.body for m in s1.get(1.0)] == [m.body for m in s2.get(1.0)] == [m.body for m in late.get(1.0)] \
+        == [b'"three"']
     s1.close()
     s1.close()
-    t.broadcast(ch, b"four")
-    assert s2.get(1.0) == [b"four"]
+    assert s1.get(0.05) == []
+    t.broadcast(ch, cm(b'"four"'))
+    assert [m.body for m in s2.get(1.0)] == [b'"four"']
 
 
 def test_broadcast_wakes_waiting_subscriber(make):
     t = make()
     sub = t.subscribe("wake.pidbox")
-    sender = threading.Timer(0.1, lambda: make().broadcast("wake.pidbox", b"hi"))
+    sender = threading.Timer(0.1, lambda: make().broadcast("wake.pidbox", cm(b'"hi"')))
     sender.start()
     started = time.monotonic()
-    assert sub.get(5.0) == [b"hi"]
+    assert [m.body for m in sub.get(5.0)] == [b'"hi"']
     assert time.monotonic() - started < 0.9
     sender.join()
+
+
+def test_pattern_on_a_fanout_exchange_is_applied_by_the_subscriber(make):
+    t = make()
+    ch = f"ctl-{uuid.uuid4().hex[:6]}.pidbox"
+    some, every = t.subscribe(ch, "worker.*"), t.subscribe(ch)
+    for key in ("worker.heartbeat", "task.succeeded", "worker.a.b"):
+        t.broadcast(ch, cm(b"{}", key))
+    assert [m.routing_key for m in some.get(1.0) + some.get(0.2)] == ["worker.heartbeat"]
+    assert len(every.get(1.0) + every.get(0.2)) == 3
+
+
+def test_topic_match():
+    from qctl.transports.amqp_pidbox import topic_match
+    assert topic_match("#", "") and topic_match("#", "a.b") and topic_match("worker.#", "worker")
+    assert topic_match("worker.#", "worker.heartbeat") and not topic_match("worker.#", "task.sent")
+    assert topic_match("*.sent", "task.sent") and not topic_match("*.sent", "task.x.sent")
+    assert topic_match("a.#.z", "a.z") and topic_match("a.#.z", "a.b.c.z") and not topic_match("a.#.z", "a.b")
 
 
 def test_mailboxes(make):
     t = make()
     box, other = f"box-{uuid.uuid4().hex[:6]}", f"other-{uuid.uuid4().hex[:6]}"
-    t.put_reply(box, b"r1")                              # before anyone reads: it waits
-    make().put_reply(box, b"r2")
-    t.put_reply(other, b"x")
-    assert t.get_replies(box, 1.0) == [b"r1", b"r2"]
+    t.put_reply(box, cm(b'"lost"'))                      # no mailbox yet: dropped, as by Celery
+    t.open_mailbox(box)
+    t.open_mailbox(box)                                  # idempotent
+    t.put_reply(box, cm(b'"r1"', ticket="t1", clock=3))
+    make().put_reply(box, cm(b'"r2"', ticket="t1", clock=4))
+    t.put_reply(other, cm(b'"x"'))                       # not opened: dropped
+    got = t.get_replies(box, 1.0)
+    if len(got) < 2:
+        got += t.get_replies(box, 1.0)
+    assert [m.body for m in got] == [b'"r1"', b'"r2"']
+    assert got[0].headers == {"ticket": "t1", "clock": 3} and got[0].routing_key == box
     assert t.get_replies(box, 0.05) == []
-    t.put_reply(box, b"short", ttl=0.05)
-    time.sleep(0.1)
-    assert t.get_replies(box, 0.05) == []
-    assert t.get_replies(other, 0) == [b"x"]
+    assert t.get_replies(other, 0.2) == []               # opened by reading: empty
 
-    sender = threading.Timer(0.1, lambda: make().put_reply(box, b"late"))
+    sender = threading.Timer(0.1, lambda: make().put_reply(box, cm(b'"late"')))
     sender.start()
     started = time.monotonic()
-    assert t.get_replies(box, 5.0) == [b"late"]
+    assert [m.body for m in t.get_replies(box, 5.0)] == [b'"late"']
     assert time.monotonic() - started < 0.9
     sender.join()
+
+    t.close_mailbox(box)
+    t.close_mailbox(box)                                 # idempotent
+    t.close_mailbox("never-opened")
+    t.put_reply(box, cm(b'"after close"'))               # dropped, no error
+    assert t.get_replies(box, 0.3) == []                 # a new, empty mailbox
+    t.close_mailbox(box)
+    t.close_mailbox(other)
+
+
+def test_reply_ttl(make, rawch):
+    t = make()
+    box = f"box-{uuid.uuid4().hex[:6]}"
+    t.open_mailbox(box)
+    t.put_reply(box, cm(b'"short"'), ttl=0.2)
+    time.sleep(1.5)                # the pump has taken it off the socket by now: it aged in our box
+    assert t.get_replies(box, 0.1) == []
+    t.put_reply(box, cm(b'"kombu expires"', expires=time.time() - 1))   # a kombu-style header
+    assert t.get_replies(box, 0.5) == []
+    t.put_reply(box, cm(b'"fine"'), ttl=5)
+    assert [m.body for m in t.get_replies(box, 1.0)] == [b'"fine"']
+    # While a reply waits in the queue the broker expires it (``expiration``).
+    oid = str(uuid.uuid4())
+    name = f"{oid}.reply.celery.pidbox"
+    rawch.queue_declare(name, exclusive=True, auto_delete=True,
+                        arguments={"x-expires": 10000, "x-message-ttl": 300000})
+    rawch.queue_bind(name, "reply.celery.pidbox", routing_key=oid)
+    t.put_reply(oid, cm(b'"gone"'), ttl=0.05)
+    t.put_reply(oid, cm(b'"kept"'), ttl=60)
+    time.sleep(0.3)
+    method, props, body = rawch.basic_get(name, auto_ack=True)
+    assert body == b'"kept"' and props.expiration == "60000"
+    assert rawch.basic_get(name, auto_ack=True)[0] is None
+
+
+def test_mailboxes_read_from_several_threads(make):
+    """One connection owns every mailbox; threads waiting on different mailboxes each get
+    theirs promptly, and opening a mailbox does not wait for a reader's timeout."""
+    t, sender = make(), make()
+    boxes = [f"mt-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
+    for box in boxes:
+        t.open_mailbox(box)
+    results: dict[str, tuple[list, float]] = {}
+
+    def wait(box):
+        started = time.monotonic()
+        got = t.get_replies(box, 5.0)
+        results[box] = ([m.body for m in got], time.monotonic() - started)
+    threads = [threading.Thread(target=wait, args=(box,)) for box in boxes]
+    for th in threads:
+        th.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    t.open_mailbox("mt-new-" + uuid.uuid4().hex[:6])    # while the others read the socket
+    assert time.monotonic() - started < 0.5
+    for i, box in enumerate(boxes):
+        sender.put_reply(box, cm(str(i).encode()))
+    for th in threads:
+        th.join(10)
+    for i, box in enumerate(boxes):
+        bodies_, waited = results[box]
+        assert bodies_ == [str(i).encode()] and waited < 1.5
+
+
+def test_no_live_node_registry(make):
+    t = make()
+    t.announce_node("w1@h", 10)
+    t.forget_node("w1@h")
+    assert t.live_nodes() is None
 
 
 def test_fetch_wakes_promptly_on_publish(make, q):
@@ -559,25 +661,118 @@ def test_early_celery_eta_goes_back_to_the_delay_queues(make, q, rawch):
     assert got[0].envelope.headers["eta"] == eta.isoformat()
 
 
-# -- broadcasts and mailboxes as Celery declares them ------------------------------------
+# -- remote control and events as Celery 5.7 declares them --------------------------------
 
-def test_pidbox_and_event_exchanges_match_celery(make, rawch):
+def _redeclare(lock, conn, *calls):
+    """Run ``channel.method(*args, **kwargs)`` for each call on a new channel of ``conn``
+    (the connection that owns an exclusive queue); returns the reply code of the first
+    refusal, or 0."""
+    with lock:                          # the pump thread services this connection otherwise
+        ch = conn.channel()
+        try:
+            for method, args, kwargs in calls:
+                getattr(ch, method)(*args, **kwargs)
+        except pex.ChannelClosedByBroker as exc:
+            return exc.reply_code
+        ch.close()
+    return 0
+
+
+def test_worker_control_queue_is_celerys(make, rawch):
     t = make()
-    sub = t.subscribe("celery.pidbox")
-    t.broadcast("celery.pidbox", b'{"method": "ping"}')
-    assert sub.get(1.0) == [b'{"method": "ping"}']
+    node = f"w-{uuid.uuid4().hex[:6]}@h"
+    sub = t.subscribe("celery.pidbox", name=f"{node}.celery.pidbox")
+    assert sub.queue == f"{node}.celery.pidbox"
+    # kombu's declarations: equivalent ones succeed, others are refused (406).
     rawch.exchange_declare("celery.pidbox", "fanout", durable=False, auto_delete=False)
-    events = t.subscribe("celeryev")
-    rawch.exchange_declare("celeryev", "topic", durable=True, auto_delete=False)
-    gossip = rawch.queue_declare("", exclusive=True).method.queue
-    rawch.queue_bind(gossip, "celeryev", routing_key="worker.#")
-    t.broadcast("celeryev", b'{"type": "worker-heartbeat", "hostname": "w1@h"}')
-    t.broadcast("celeryev", b'{"type": "task-succeeded"}')
-    t.broadcast("celeryev", b'[{"type": "task-received"}]')
-    assert len(events.get(1.0) + events.get(0.3)) == 3
-    method, props, body = rawch.basic_get(gossip, auto_ack=True)
-    assert method.routing_key == "worker.heartbeat" and props.content_type == "application/json"
-    assert rawch.basic_get(gossip, auto_ack=True)[0] is None
+    rawch.exchange_declare("celery.pidbox", "fanout", passive=True)
+    celery_queue = ("queue_declare", (f"{node}.celery.pidbox",),
+                    dict(durable=False, exclusive=True, auto_delete=True,
+                         arguments={"x-expires": 10000, "x-message-ttl": 300000}))
+    bind = ("queue_bind", (f"{node}.celery.pidbox", "celery.pidbox"), dict(routing_key=""))
+    assert _redeclare(sub.lock, sub.link.conn, celery_queue, bind) == 0
+    assert _redeclare(sub.lock, sub.link.conn, ("queue_declare", (f"{node}.celery.pidbox",),
+                      dict(durable=False, exclusive=True, auto_delete=True,
+                           arguments={"x-expires": 60000, "x-message-ttl": 300000}))) == 406
+    with pytest.raises(pex.ChannelClosedByBroker) as info:      # exclusive: another connection
+        rawch.connection.channel().queue_declare(f"{node}.celery.pidbox", passive=True)
+    assert info.value.reply_code == 405
+    with pytest.raises(pex.ChannelClosedByBroker) as info:
+        rawch.exchange_declare("celery.pidbox", "fanout", durable=True)
+    assert info.value.reply_code == 406
+    # A second worker with the same node name cannot take the queue.
+    with pytest.raises(OperationalError, match="RESOURCE_LOCKED"):
+        make().subscribe("celery.pidbox", name=f"{node}.celery.pidbox")
+    sub.get(0.2)
+    # Without a name: a server-named exclusive queue.
+    anon = t.subscribe("celery.pidbox")
+    assert anon.queue.startswith("amq.gen-")
+    sub.close()
+    anon.close()
+
+
+def test_control_request_as_celery_sends_it(make, rawch):
+    """What a Celery worker's queue receives: raw JSON, Celery's properties, ``expires`` as an
+    int pika can send (the worker ignores it)."""
+    node = f"w-{uuid.uuid4().hex[:6]}@h"
+    name = f"{node}.celery.pidbox"
+    rawch.exchange_declare("celery.pidbox", "fanout", durable=False, auto_delete=False)
+    rawch.queue_declare(name, durable=False, exclusive=True, auto_delete=True,
+                        arguments={"x-expires": 10000, "x-message-ttl": 300000})
+    rawch.queue_bind(name, "celery.pidbox", routing_key="")
+    body = b'{"method": "ping", "arguments": {}, "destination": null, "pattern": null, "matcher": null}'
+    expires = time.time() + 1.25
+    make().broadcast("celery.pidbox", cm(body, clock=7, expires=expires))
+    time.sleep(0.2)
+    method, props, got = rawch.basic_get(name, auto_ack=True)
+    assert got == body and (method.exchange, method.routing_key) == ("celery.pidbox", "")
+    assert (props.content_type, props.content_encoding, props.delivery_mode) == ("application/json", "utf-8", 2)
+    assert props.headers == {"clock": 7, "expires": math.ceil(expires)}
+
+
+def test_request_reply_round_trip(make):
+    client, worker = make(), make()
+    node, oid, ticket = f"w-{uuid.uuid4().hex[:6]}@h", str(uuid.uuid4()), str(uuid.uuid4())
+    queue = worker.subscribe("celery.pidbox", name=f"{node}.celery.pidbox")
+    client.open_mailbox(oid)                             # before asking: replies are not mandatory
+    request = (b'{"method": "ping", "arguments": {}, "destination": null, "pattern": null, "matcher": null, '
+               b'"ticket": "' + ticket.encode() + b'", "reply_to": {"exchange": "reply.celery.pidbox", '
+               b'"routing_key": "' + oid.encode() + b'"}}')
+    client.broadcast("celery.pidbox", cm(request, clock=1, expires=time.time() + 1.0))
+    got = [m for m in queue.get(2.0) if m.body == request]
+    assert len(got) == 1 and got[0].headers["clock"] == 1 and got[0].routing_key == ""
+    assert isinstance(got[0].headers["expires"], int)
+    reply = b'{"' + node.encode() + b'": {"ok": "pong"}}'
+    worker.put_reply(oid, cm(reply, ticket=ticket, clock=2))
+    [answer] = client.get_replies(oid, 2.0)
+    assert answer == ControlMessage(reply, {"ticket": ticket, "clock": 2}, oid)
+    client.close_mailbox(oid)
+    queue.close()
+
+
+def test_client_mailbox_is_celerys(make, rawch):
+    t = make()
+    oid = str(uuid.uuid4())
+    name = f"{oid}.reply.celery.pidbox"
+    t.open_mailbox(oid)
+    rawch.exchange_declare("reply.celery.pidbox", "direct", durable=False, auto_delete=False)
+    with pytest.raises(pex.ChannelClosedByBroker) as info:
+        rawch.connection.channel().exchange_declare("reply.celery.pidbox", "direct", durable=True)
+    assert info.value.reply_code == 406
+    kombu_queue = ("queue_declare", (name,), dict(durable=False, exclusive=True, auto_delete=True,
+                                                  arguments={"x-expires": 10000, "x-message-ttl": 300000}))
+    bind = ("queue_bind", (name, "reply.celery.pidbox"), dict(routing_key=oid))
+    assert _redeclare(t._mailbox_lock, t._mailbox.conn, kombu_queue, bind) == 0
+    assert _redeclare(t._mailbox_lock, t._mailbox.conn, ("queue_declare", (name,),
+                      dict(durable=False, exclusive=True, auto_delete=True,
+                           arguments={"x-expires": 10000}))) == 406
+    with pytest.raises(pex.ChannelClosedByBroker) as info:      # exclusive to the reader
+        rawch.connection.channel().queue_declare(name, passive=True)
+    assert info.value.reply_code == 405
+    t.close_mailbox(oid)
+    with pytest.raises(pex.ChannelClosedByBroker) as info:      # deleted
+        rawch.connection.channel().queue_declare(name, passive=True)
+    assert info.value.reply_code == 404
 
 
 def test_reply_reaches_a_celery_client_queue(make, rawch):
@@ -588,10 +783,100 @@ def test_reply_reaches_a_celery_client_queue(make, rawch):
     rawch.queue_declare(name, exclusive=True, auto_delete=True,
                         arguments={"x-expires": 10000, "x-message-ttl": 300000})
     rawch.queue_bind(name, "reply.celery.pidbox", routing_key=oid)
-    make().put_reply(oid, b'{"w1@h": {"ok": "pong"}}')
+    make().put_reply(oid, cm(b'{"w1@h": {"ok": "pong"}}', ticket="tk", clock=5))
+    time.sleep(0.1)
     method, props, body = rawch.basic_get(name, auto_ack=True)
     assert body == b'{"w1@h": {"ok": "pong"}}' and props.content_type == "application/json"
-    assert props.delivery_mode == 1
+    assert (method.exchange, method.routing_key) == ("reply.celery.pidbox", oid)
+    assert props.delivery_mode == 1 and props.content_encoding == "utf-8"
+    assert props.headers == {"ticket": "tk", "clock": 5}
+
+
+def test_events_as_celery_declares_them(make, rawch):
+    t = make()
+    events = t.subscribe("celeryev")
+    assert events.queue.startswith("celeryev.") and uuid.UUID(events.queue[len("celeryev."):])
+    rawch.exchange_declare("celeryev", "topic", durable=True, auto_delete=False)
+    with pytest.raises(pex.ChannelClosedByBroker) as info:
+        rawch.connection.channel().exchange_declare("celeryev", "topic", durable=False)
+    assert info.value.reply_code == 406
+    receiver_queue = ("queue_declare", (events.queue,), dict(durable=False, exclusive=True, auto_delete=True,
+                                                              arguments={"x-message-ttl": 5000, "x-expires": 60000}))
+    assert _redeclare(events.lock, events.link.conn, receiver_queue,
+                      ("queue_bind", (events.queue, "celeryev"), dict(routing_key="#"))) == 0
+    assert _redeclare(events.lock, events.link.conn, ("queue_declare", (events.queue,),
+                      dict(durable=False, exclusive=True, auto_delete=True,
+                           arguments={"x-message-ttl": 300000, "x-expires": 60000}))) == 406
+    # A Celery worker's gossip queue receives our heartbeats as Celery sends them.
+    gossip = rawch.queue_declare(f"celeryev.{uuid.uuid4()}", exclusive=True, auto_delete=True,
+                                 arguments={"x-message-ttl": 5000, "x-expires": 60000}).method.queue
+    rawch.queue_bind(gossip, "celeryev", routing_key="worker.#")
+    mark = uuid.uuid4().hex
+    beat = b'{"type": "worker-heartbeat", "hostname": "w1@h", "mark": "' + mark.encode() + b'"}'
+    t.broadcast("celeryev", cm(beat, "worker.heartbeat", hostname="w1@h"))
+    t.broadcast("celeryev", cm(b'[{"type": "task-received"}]', "task.multi", hostname="w1@h"))
+    time.sleep(0.2)
+    method, props, body = rawch.basic_get(gossip, auto_ack=True)
+    assert body == beat and (method.exchange, method.routing_key) == ("celeryev", "worker.heartbeat")
+    assert (props.content_type, props.content_encoding, props.delivery_mode) == ("application/json", "utf-8", 1)
+    assert props.headers == {"hostname": "w1@h"}
+    assert rawch.basic_get(gossip, auto_ack=True)[0] is None          # task.multi: not worker.#
+    got = [m for m in events.get(1.0) + events.get(0.3) if m.headers.get("hostname") == "w1@h"]
+    assert [m.routing_key for m in got][-2:] == ["worker.heartbeat", "task.multi"]
+    events.close()
+
+
+def test_event_patterns(make):
+    exchange = f"ev-{uuid.uuid4().hex[:6]}"
+    t = make(event_exchange=exchange)
+    every, workers, sent = t.subscribe(exchange), t.subscribe(exchange, "worker.#"), t.subscribe(exchange, "*.sent")
+    keys = ["worker.heartbeat", "task.sent", "task.multi", "worker.online", "task.x.sent"]
+    for key in keys:
+        t.broadcast(exchange, cm(b"{}", key))
+
+    def keys_of(sub):
+        return [m.routing_key for m in sub.get(1.0) + sub.get(0.3)]
+    assert keys_of(every) == keys
+    assert keys_of(workers) == ["worker.heartbeat", "worker.online"]
+    assert keys_of(sent) == ["task.sent"]
+
+
+def test_control_headers_round_trip(make):
+    t = make()
+    ch = f"ctl-{uuid.uuid4().hex[:6]}.pidbox"
+    sub = t.subscribe(ch)
+    headers = {"clock": 12, "expires": 1795299644.25, "whole": 3.0, "hostname": "w1@h", "none": None,
+               "flag": True, "list": [1, "a"], "big": 2 ** 40, "frac": 0.5, "zero": 0}
+    t.broadcast(ch, cm(b"{}", **headers))
+    [m] = sub.get(1.0)
+    assert m.headers == {"clock": 12, "expires": 1795299645, "whole": 3, "hostname": "w1@h", "none": None,
+                         "flag": True, "list": [1, "a"], "big": 2 ** 40, "frac": "0.5", "zero": 0}
+    box = f"box-{uuid.uuid4().hex[:6]}"
+    t.open_mailbox(box)
+    t.put_reply(box, cm(b"{}", ticket="a-b", clock=2 ** 33))
+    [r] = t.get_replies(box, 1.0)
+    assert r.headers == {"ticket": "a-b", "clock": 2 ** 33}
+
+
+def test_celery_float_headers_arrive_as_floats(make, rawch, monkeypatch):
+    """py-amqp sends ``expires`` as an AMQP double; we read it as a float."""
+    import struct
+    import pika.data as data
+    original = data.encode_value
+
+    def encode_value(pieces, value):
+        if isinstance(value, float):
+            pieces.append(struct.pack(">cd", b"d", value))
+            return 9
+        return original(pieces, value)
+    t = make()
+    ch = f"ctl-{uuid.uuid4().hex[:6]}.pidbox"
+    sub = t.subscribe(ch)
+    monkeypatch.setattr(data, "encode_value", encode_value)
+    rawch.basic_publish(ch, "", b"{}", pika.BasicProperties(headers={"clock": 1, "expires": 1795299644.6352844}))
+    monkeypatch.undo()
+    [m] = sub.get(1.0)
+    assert m.headers == {"clock": 1, "expires": 1795299644.6352844}
 
 
 # -- processes and restarts --------------------------------------------------------------
@@ -622,8 +907,12 @@ def test_reconnects_after_broker_restart(make, q, rabbit):  # noqa: F811
         t.publish(q, env(body))
     [held] = t.fetch([q], 1, 0)
     sub = t.subscribe("restart.pidbox")
+    box = f"box-{uuid.uuid4().hex[:6]}"
+    t.open_mailbox(box)
     rabbit.stop_node()
     try:
+        with pytest.raises(OperationalError):
+            t.get_replies(box, 0.1)
         with pytest.raises(OperationalError):
             t.publish(q, env(b"lost"))
         with pytest.raises(OperationalError):
@@ -638,7 +927,10 @@ def test_reconnects_after_broker_restart(make, q, rabbit):  # noqa: F811
     assert sorted(bodies(got)) == [b"after", b"held", b"waiting"]
     assert [d.redelivered for d in got if d.envelope.body == b"held"] == [True]
     t.ack([d.tag for d in got])
-    t.broadcast("restart.pidbox", b"x")
-    assert sub.get(1.0) in ([], [b"x"])                  # resubscribed (earlier ones lost)
-    t.broadcast("restart.pidbox", b"y")
-    assert sub.get(1.0) == [b"y"]
+    t.broadcast("restart.pidbox", cm(b'"x"'))
+    assert [m.body for m in sub.get(1.0)] in ([], [b'"x"'])   # resubscribed (earlier ones lost)
+    t.broadcast("restart.pidbox", cm(b'"y"'))
+    assert [m.body for m in sub.get(1.0)] == [b'"y"']
+    assert t.get_replies(box, 0.1) == []                 # reconnected: the mailbox is declared again
+    make().put_reply(box, cm(b'"r"'))
+    assert [m.body for m in t.get_replies(box, 2.0)] == [b'"r"']

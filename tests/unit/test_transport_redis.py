@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -18,16 +19,20 @@ import redis
 
 from qctl import protocol
 from qctl.exceptions import OperationalError
-from qctl.transports import Envelope, by_url
+from qctl.transports import ControlMessage, Envelope, by_url
 from qctl.transports.redis import RedisTransport
 from tests.servers_redis import redis_server, redis_url, start_redis, stop_redis  # noqa: F401
 from tests.unit.test_transport_memory import (  # noqa: F401 - the shared contract, run on redis
-    bodies, env, test_broadcast_each_subscriber_once, test_broadcast_wakes_waiting_subscriber,
-    test_dead_letters, test_eta_invisible_until_due, test_fetch_limit_and_fifo,
-    test_fetch_timeout_returns_empty, test_fetch_wakes_promptly_on_publish, test_lease_expiry_redelivers_to_other_consumer,
-    test_mailboxes, test_past_eta_is_ready, test_publish_fetch_ack, test_purge, test_release_all,
-    test_renew_leases_keeps_message, test_requeue_marks_redelivered, test_restore_expired,
-    test_threads_share_one_transport, wait_until)
+    bodies, ctl, env, payloads, test_broadcast_each_subscriber_once,
+    test_broadcast_headers_and_routing_key_round_trip, test_broadcast_topic_patterns,
+    test_broadcast_wakes_waiting_subscriber, test_broadcast_without_subscribers_is_dropped,
+    test_close_mailbox_deletes_it, test_dead_letters, test_eta_invisible_until_due,
+    test_fetch_limit_and_fifo, test_fetch_timeout_returns_empty, test_fetch_wakes_promptly_on_publish,
+    test_lease_expiry_redelivers_to_other_consumer, test_mailboxes, test_node_registry,
+    test_past_eta_is_ready, test_publish_fetch_ack, test_purge, test_release_all,
+    test_renew_leases_keeps_message, test_reply_arrives_within_milliseconds,
+    test_requeue_marks_redelivered, test_restore_expired, test_threads_share_one_transport,
+    wait_until)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -394,42 +399,252 @@ def test_only_valid_utf8_counts_as_kombu_json(make, r):
     assert r.hlen("unacked") == 1                    # only valid JSON in kombu's hash
 
 
-# -- broadcast and mailboxes -----------------------------------------------------------------
+# -- remote control and events: kombu's pidbox and event layout -----------------------------
 
-def test_broadcast_is_kombu_fanout_on_pubsub(make, r, redis_url):
-    t, other = make(), make()
-    db = int(redis_url.rsplit("/", 1)[1])
-    raw_sub = r.pubsub()
-    raw_sub.psubscribe(f"/{db}.celeryev/*")
-    raw_sub.subscribe(f"/{db}.celery.pidbox")
-    for _ in range(2):
-        assert raw_sub.get_message(timeout=2)["type"] in ("psubscribe", "subscribe")
-    s1, s2 = t.subscribe("celery.pidbox"), other.subscribe("celery.pidbox")
-    events = t.subscribe("celeryev/*")
-    t.broadcast("celery.pidbox", b'{"method": "ping"}')
-    t.broadcast("celeryev/worker.heartbeat", b"hb")
-    assert s1.get(2) == [b'{"method": "ping"}'] and s2.get(2) == [b'{"method": "ping"}']
-    assert events.get(2) == [b"hb"]
-    seen = {}
-    deadline = time.monotonic() + 5
-    while len(seen) < 2 and time.monotonic() < deadline:
-        message = raw_sub.get_message(timeout=0.5)
-        if message and message["type"] in ("message", "pmessage"):
-            seen[message["channel"]] = message["data"]
-    assert seen == {f"/{db}.celery.pidbox".encode(): b'{"method": "ping"}',
-                    f"/{db}.celeryev/worker.heartbeat".encode(): b"hb"}
-    raw_sub.close()
+def db_of(redis_url: str) -> int:
+    return int(redis_url.rsplit("/", 1)[1])
 
 
-def test_mailbox_is_a_list_with_expiry(make, r):
+def raw_subscriber(r, *globs):
+    """A plain redis-py PSUBSCRIBE, confirmed."""
+    sub = r.pubsub()
+    sub.psubscribe(*globs)
+    for _ in globs:
+        assert sub.get_message(timeout=2)["type"] == "psubscribe"
+    return sub
+
+
+def raw_messages(sub, count, timeout=5.0):
+    """(channel, kombu envelope as JSON) of the next ``count`` messages."""
+    seen, deadline = [], time.monotonic() + timeout
+    while len(seen) < count and time.monotonic() < deadline:
+        message = sub.get_message(timeout=0.5)
+        if message and message["type"] == "pmessage":
+            seen.append((message["channel"].decode(), message["data"].decode("ascii")))
+    assert len(seen) == count, seen
+    return seen
+
+
+def test_pidbox_request_is_published_as_celery_does(make, r, redis_url):
+    db = db_of(redis_url)
+    raw = raw_subscriber(r, f"/{db}.*")
+    body = (b'{"method": "ping", "arguments": {}, "destination": null, "pattern": null, '
+            b'"matcher": null, "ticket": "733449fc", "reply_to": {"exchange": '
+            b'"reply.celery.pidbox", "routing_key": "30b5ceb7"}}')
+    make().broadcast("celery.pidbox", ControlMessage(body, {"clock": 1, "expires": 1795299644.6352844}))
+    [(channel, text)] = raw_messages(raw, 1)
+    assert channel == f"/{db}.celery.pidbox"
+    message = json.loads(text)
+    assert json.dumps(message) == text                       # Python's default separators
+    assert list(message) == ["body", "content-encoding", "content-type", "headers", "properties"]
+    assert base64.b64decode(message["body"]) == body
+    assert message["content-encoding"] == "utf-8" and message["content-type"] == "application/json"
+    assert message["headers"] == {"clock": 1, "expires": 1795299644.6352844}
+    assert '"expires": 1795299644.6352844' in text           # the float as Python prints it
+    props = message["properties"]
+    assert list(props) == ["delivery_mode", "delivery_info", "priority", "body_encoding", "delivery_tag"]
+    assert props["delivery_mode"] == 2 and props["priority"] == 0 and props["body_encoding"] == "base64"
+    assert props["delivery_info"] == {"exchange": "celery.pidbox", "routing_key": ""}
+    assert UUID_RE.match(props["delivery_tag"])
+    raw.close()
+
+
+def test_event_is_published_as_celery_does(make, r, redis_url):
+    db = db_of(redis_url)
+    raw = raw_subscriber(r, f"/{db}.*")
     t = make()
-    t.put_reply("oid.reply.celery.pidbox", b"r1", ttl=30)
-    t.put_reply("oid.reply.celery.pidbox", b"r2", ttl=5)
-    assert r.lrange("oid.reply.celery.pidbox", 0, -1) == [b"r2", b"r1"]
-    assert 25_000 < r.pttl("oid.reply.celery.pidbox") <= 30_000          # the longest TTL kept
-    r.lpush("oid.reply.celery.pidbox", b"from celery")                    # a Celery worker's LPUSH
-    assert t.get_replies("oid.reply.celery.pidbox", 1) == [b"r1", b"r2", b"from celery"]
-    assert not r.exists("oid.reply.celery.pidbox")
+    body = b'{"hostname": "w1@vm", "freq": 2.0, "type": "worker-heartbeat"}'
+    t.broadcast("celeryev", ControlMessage(body, {"hostname": "w1@vm"}, "worker.heartbeat"))
+    t.broadcast("celeryev", ControlMessage(b"[]", {"hostname": "w1@vm"}, "task.multi"))
+    t.broadcast("other.fanout", ControlMessage(b"{}"))
+    (c1, t1), (c2, t2), (c3, t3) = raw_messages(raw, 3)
+    assert (c1, c2, c3) == (f"/{db}.celeryev/worker.heartbeat", f"/{db}.celeryev/task.multi",
+                            f"/{db}.other.fanout")
+    first = json.loads(t1)
+    assert base64.b64decode(first["body"]) == body and first["headers"] == {"hostname": "w1@vm"}
+    props = first["properties"]
+    assert props["delivery_mode"] == 1 and props["priority"] == 0 and props["body_encoding"] == "base64"
+    assert props["delivery_info"] == {"exchange": "celeryev", "routing_key": "worker.heartbeat"}
+    assert json.loads(t2)["properties"]["delivery_info"]["routing_key"] == "task.multi"
+    tags = {json.loads(x)["properties"]["delivery_tag"] for x in (t1, t2, t3)}
+    assert len(tags) == 3 and all(UUID_RE.match(tag) for tag in tags)
+    assert json.loads(t3)["properties"]["delivery_info"] == {"exchange": "other.fanout", "routing_key": ""}
+    raw.close()
+
+
+def test_subscriptions_psubscribe_kombus_globs(make, r, redis_url):
+    db = db_of(redis_url)
+    t = make()
+    pidbox = t.subscribe("celery.pidbox", "#", name="w1@vm.celery.pidbox")
+    flower = t.subscribe("celeryev")
+    gossip = t.subscribe("celeryev", "worker.#")
+    assert pidbox.globs == [f"/{db}.celery.pidbox", f"/{db}.celery.pidbox/*"]
+    assert flower.globs == [f"/{db}.celeryev", f"/{db}.celeryev/*"]
+    assert gossip.globs == [f"/{db}.celeryev/worker", f"/{db}.celeryev/worker.*"]
+    for sub in (pidbox, flower, gossip):                     # what redis-py PSUBSCRIBEd
+        assert sorted(p.decode() if isinstance(p, bytes) else p for p in sub._pubsub.patterns) == sub.globs
+    # What a Celery client and worker PUBLISH reaches the matching subscribers.
+    ping = json.dumps({"body": base64.b64encode(b'{"method": "ping"}').decode(),
+                       "content-encoding": "utf-8", "content-type": "application/json",
+                       "headers": {"clock": 1, "expires": 1795299644.6352844},
+                       "properties": {"delivery_mode": 2, "delivery_info": {
+                           "exchange": "celery.pidbox", "routing_key": ""}, "priority": 0,
+                           "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())}})
+    r.publish(f"/{db}.celery.pidbox", ping)
+    heartbeat = ping.replace('"celery.pidbox", "routing_key": ""',
+                             '"celeryev", "routing_key": "worker.heartbeat"')
+    r.publish(f"/{db}.celeryev/worker.heartbeat", heartbeat)
+    [request] = pidbox.get(2)
+    assert request == ControlMessage(b'{"method": "ping"}', {"clock": 1, "expires": 1795299644.6352844}, "")
+    [event] = flower.get(2)
+    assert event.routing_key == "worker.heartbeat" and event.body == b'{"method": "ping"}'
+    assert [m.routing_key for m in gossip.get(2)] == ["worker.heartbeat"]
+    for sub in (pidbox, flower, gossip):
+        sub.close()
+
+
+def test_worker_pidbox_binding_as_kombu(make, r):
+    t = make()
+    member = f"{SEP}{SEP}w1@vm.celery.pidbox".encode()
+    sub = t.subscribe("celery.pidbox", name="w1@vm.celery.pidbox")
+    events = t.subscribe("celeryev", "worker.#", name="celeryev.abc")
+    assert r.smembers("_kombu.binding.celery.pidbox") == {member}
+    assert r.smembers("_kombu.binding.celeryev") == {f"worker.#{SEP}{SEP}celeryev.abc".encode()}
+    deadline = r.zscore("_kombu.binding_deadlines", "celery.pidbox")
+    assert deadline == pytest.approx(time.time() * 1000 + 3_600_000, abs=5000)   # kombu 5.7: ms
+    assert not r.exists("_kombu.binding_permanent.celery.pidbox")
+    anonymous = t.subscribe("celery.pidbox")
+    anonymous.close()
+    assert r.smembers("_kombu.binding.celery.pidbox") == {member}
+    sub.close()
+    sub.close()
+    events.close()
+    assert not r.exists("_kombu.binding.celery.pidbox") and not r.exists("_kombu.binding.celeryev")
+
+
+def test_reply_binding_and_list_names_are_kombus(make, r):
+    client, worker = make(), make()
+    oid = "30b5ceb7-f127-3ef9-8cfa-ca5f92793b64"
+    queue = f"{oid}.reply.celery.pidbox"
+    client.open_mailbox(oid)
+    client.open_mailbox(oid)
+    assert r.smembers("_kombu.binding.reply.celery.pidbox") == {f"{oid}{SEP}{SEP}{queue}".encode()}
+    assert r.zscore("_kombu.binding_deadlines", "reply.celery.pidbox") == pytest.approx(
+        time.time() * 1000 + 3_600_000, abs=5000)
+    worker.put_reply(oid, ControlMessage(b'{"w1@vm": {"ok": "pong"}}', {"ticket": "733449fc", "clock": 3}),
+                     ttl=30)
+    [text] = r.lrange(queue, 0, -1)
+    assert 25_000 < r.pttl(queue) <= 30_000
+    message = json.loads(text)
+    assert json.dumps(message).encode() == text
+    assert base64.b64decode(message["body"]) == b'{"w1@vm": {"ok": "pong"}}'
+    assert message["headers"] == {"ticket": "733449fc", "clock": 3}
+    props = message["properties"]
+    assert list(props) == ["delivery_mode", "delivery_info", "priority", "body_encoding", "delivery_tag"]
+    assert props["delivery_mode"] == 1 and props["priority"] == 0 and props["body_encoding"] == "base64"
+    assert props["delivery_info"] == {"exchange": "reply.celery.pidbox", "routing_key": oid}
+    assert UUID_RE.match(props["delivery_tag"])
+    worker.put_reply(oid, ctl(b'"2"'), ttl=5)
+    assert 25_000 < r.pttl(queue) <= 30_000                  # the longest TTL is kept
+    [first, second] = client.get_replies(oid, 1)
+    assert first.body == b'{"w1@vm": {"ok": "pong"}}' and second.body == b'"2"'
+    assert first.headers == {"ticket": "733449fc", "clock": 3} and first.routing_key == oid
+    client.close_mailbox(oid)
+    assert not r.exists("_kombu.binding.reply.celery.pidbox") and not r.exists(queue)
+    worker.put_reply(oid, ctl(b'"late"'))                     # the client left: dropped
+    assert not r.exists(queue)
+
+
+def test_put_reply_follows_every_binding_with_the_routing_key(make, r):
+    # As a Celery worker: SMEMBERS, keep the members whose routing key is the mailbox.
+    t = make()
+    r.sadd("_kombu.binding.reply.celery.pidbox", f"oid{SEP}{SEP}oid.reply.celery.pidbox",
+           f"oid{SEP}{SEP}copy", f"oid{SEP}pattern{SEP}copy", f"other{SEP}{SEP}elsewhere",
+           "not a binding", f"oidx{SEP}{SEP}wrong")
+    t.put_reply("oid", ctl(b'"r"'))
+    assert r.llen("oid.reply.celery.pidbox") == 1 and r.llen("copy") == 1   # once per queue
+    assert not r.exists("elsewhere") and not r.exists("wrong")
+
+
+def test_reply_from_a_celery_worker_round_trip(make, r):
+    client = make()
+    oid = str(uuid.uuid4())
+    client.open_mailbox(oid)
+    # What a Celery 5.7 worker does for "ping" (celery-wire.md §3.2, §3.7): find the queues
+    # bound to reply.celery.pidbox with the client's routing key, LPUSH a kombu envelope.
+    members = r.smembers("_kombu.binding.reply.celery.pidbox")
+    queues = [m.decode().split(SEP)[2] for m in members if m.decode().split(SEP)[0] == oid]
+    assert queues == [f"{oid}.reply.celery.pidbox"]
+
+    def celery_worker_replies():
+        for node in ("w1@vm", "w2@vm"):
+            r.lpush(queues[0], json.dumps({
+                "body": base64.b64encode(json.dumps({node: {"ok": "pong"}}).encode()).decode(),
+                "content-encoding": "utf-8", "content-type": "application/json",
+                "headers": {"ticket": "t-1", "clock": 3},
+                "properties": {"delivery_mode": 1, "delivery_info": {
+                    "exchange": "reply.celery.pidbox", "routing_key": oid}, "priority": 0,
+                    "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())}}))
+    sender = threading.Timer(0.1, celery_worker_replies)
+    sender.start()
+    replies = []
+    deadline = time.monotonic() + 5
+    while len(replies) < 2 and time.monotonic() < deadline:
+        replies += client.get_replies(oid, 1.0)
+    sender.join()
+    assert [json.loads(m.body) for m in replies] == [{"w1@vm": {"ok": "pong"}}, {"w2@vm": {"ok": "pong"}}]
+    assert all(m.headers == {"ticket": "t-1", "clock": 3} and m.routing_key == oid for m in replies)
+    client.close_mailbox(oid)
+
+
+def test_undecodable_messages_are_skipped(make, r, redis_url, caplog):
+    caplog.set_level(logging.DEBUG, logger="qctl.transports.redis")
+    db = db_of(redis_url)
+    t = make()
+    sub = t.subscribe("celery.pidbox")
+    t.open_mailbox("oid")
+    for junk in (b"\xff not json", b"[1, 2]", b'{"json": "but not kombu"}'):
+        r.publish(f"/{db}.celery.pidbox", junk)
+        r.lpush("oid.reply.celery.pidbox", junk)
+    assert sub.get(0.2) == [] and t.get_replies("oid", 0.2) == []
+    assert caplog.text.count("not a kombu envelope") == 6
+    # ...and do not stop a waiting reader: it keeps waiting for a good one.
+    sender = threading.Timer(0.1, lambda: (r.publish(f"/{db}.celery.pidbox", b"junk"),
+                                           t.broadcast("celery.pidbox", ctl(b'"ok"'))))
+    sender.start()
+    assert payloads(sub.get(5)) == [b'"ok"']
+    sender.join()
+    sender = threading.Timer(0.1, lambda: (r.lpush("oid.reply.celery.pidbox", b"junk"),
+                                           t.put_reply("oid", ctl(b'"ok"'))))
+    sender.start()
+    assert payloads(t.get_replies("oid", 5)) == [b'"ok"']
+    sender.join()
+
+
+def test_overlapping_globs_deliver_once(make):
+    t = make()
+    sub = t.subscribe("ev", "a.#.b.#")
+    assert len(sub.globs) == 4
+    for key in ("a.b.b", "a.b.b", "a.x.b.y", "a.b", "a.c"):
+        t.broadcast("ev", ctl(b"{}", routing_key=key))
+    assert [m.routing_key for m in sub.get(2)] == ["a.b.b", "a.b.b", "a.x.b.y", "a.b"]
+
+
+def test_node_registry_is_a_zset_of_expiry_times(make, r):
+    t = make()
+    t.announce_node("w1@vm", 30)
+    t.announce_node("w2@vm", 0.3)
+    (server_now, micro) = r.time()
+    server_now += micro / 1e6
+    assert r.zscore("qctl.nodes", "w1@vm") == pytest.approx(server_now + 30, abs=1)
+    assert t.live_nodes() == {"w1@vm", "w2@vm"}
+    r.zadd("qctl.nodes", {"gone@vm": server_now - 100})        # expired long ago
+    assert t.live_nodes() == {"w1@vm", "w2@vm"}
+    wait_until(lambda: t.live_nodes() == {"w1@vm"})
+    t.announce_node("w1@vm", 30)                               # announcing cleans up
+    assert {m.decode() for m in r.zrange("qctl.nodes", 0, -1)} == {"w1@vm"}
+    t.forget_node("w1@vm")
+    assert r.zcard("qctl.nodes") == 0 and t.live_nodes() == set()
 
 
 # -- outages -------------------------------------------------------------------------------
@@ -441,6 +656,7 @@ def test_operational_error_while_down_and_recovery_on_the_same_port(tmp_path):
     try:
         t.publish("q", env(b"before"))
         sub = t.subscribe("ctl")
+        t.open_mailbox("box")
         errors = []
 
         def blocked_fetch():
@@ -455,7 +671,9 @@ def test_operational_error_while_down_and_recovery_on_the_same_port(tmp_path):
         waiter.join(10)
         assert not waiter.is_alive() and len(errors) == 1   # an idle fetch notices, not hangs
         for call in (lambda: t.publish("q", env()), lambda: t.fetch(["q"], 1, 0.5), t.ping,
-                     lambda: t.queue_size("q"), lambda: t.ack(["x"]), lambda: sub.get(0.5)):
+                     lambda: t.queue_size("q"), lambda: t.ack(["x"]), lambda: sub.get(0.5),
+                     lambda: t.broadcast("ctl", ctl()), lambda: t.get_replies("box", 0.5),
+                     lambda: t.put_reply("box", ctl()), t.live_nodes):
             started = time.monotonic()
             with pytest.raises(OperationalError) as info:
                 call()
@@ -470,12 +688,12 @@ def test_operational_error_while_down_and_recovery_on_the_same_port(tmp_path):
         assert bodies(t.fetch(["q"], 5, 1.0)) == [b"after"]         # no persistence: new data
 
         def resubscribed():               # the subscription reconnects on the next get
-            t.broadcast("ctl", b"hello")
+            t.broadcast("ctl", ctl(b'"hello"'))
             try:
                 return sub.get(0.2)
             except OperationalError:
                 return None
-        assert wait_until(resubscribed)[0] == b"hello"
+        assert wait_until(resubscribed)[0].body == b'"hello"'
     finally:
         t.close()
         stop_redis(server)
