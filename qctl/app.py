@@ -247,6 +247,8 @@ class App:
                      retry_policy=options.get("retry_policy"))
         signals.after_task_publish.send(sender=name, headers=envelope.headers,
                                         routing_key=route.get("routing_key"))
+        if conf.task_send_sent_event:
+            self._send_sent_event(envelope.headers, route)
         result = (result_cls or AsyncResult)(task_id, app=self, task_name=name)
         children = getattr(parent, "children", None)
         if add_to_parent and children is not None and task_id != getattr(parent, "id", None):
@@ -289,6 +291,27 @@ class App:
                 time.sleep(interval)
                 interval = min(interval + float(policy.get("interval_step", 0.2)),
                                float(policy.get("interval_max", 0.2)))
+
+    def _send_sent_event(self, headers: dict, route: dict) -> None:
+        """``task-sent`` on the event exchange (``task_send_sent_event``), in Celery's format."""
+        import json
+        from .protocol import origin_nodename
+        from .transports import ControlMessage
+        queue = route["queue"]
+        event = {"hostname": origin_nodename(), "utcoffset": -time.timezone / 3600.0,
+                 "pid": os.getpid(), "clock": 0, "uuid": headers["id"],
+                 "root_id": headers.get("root_id"), "parent_id": headers.get("parent_id"),
+                 "name": headers["task"], "args": headers.get("argsrepr"),
+                 "kwargs": headers.get("kwargsrepr"), "retries": headers.get("retries"),
+                 "eta": headers.get("eta"), "expires": headers.get("expires"),
+                 "queue": queue.name, "exchange": route.get("exchange") or "",
+                 "routing_key": route.get("routing_key") or queue.name,
+                 "timestamp": time.time(), "type": "task-sent"}
+        try:
+            self.transport.broadcast(self.conf.event_exchange, ControlMessage(
+                json.dumps(event).encode(), {"hostname": event["hostname"]}, "task.sent"))
+        except OperationalError as exc:  # monitoring must not fail the send itself
+            logger.warning("cannot send the task-sent event: %s", exc)
 
     # -- connections (one set per process) ------------------------------------------------
 

@@ -71,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
                                "%(task_name)s[%(task_id)s]: %(message)s"),
     "worker_state_db": None,
     "worker_shutdown_timeout": None,
+    "worker_pool_restarts": False,
     "worker_lost_wait": 10.0,
     "beat_schedule": {},
     "beat_schedule_filename": "qctl-beat-schedule",

@@ -113,7 +113,8 @@ def stats(worker: Any) -> dict:
     host, _, port = hostpart.partition(":")
     pool = dict(worker.pool.info())
     pool["timeouts"] = [worker.soft_time_limit, worker.time_limit]
-    return {
+    extra = {"autoscaler": worker.autoscaler.info()} if worker.autoscaler is not None else {}
+    return {**extra,
         "total": dict(worker.state.total), "pid": os.getpid(), "clock": str(worker.clock),
         "uptime": int(time.monotonic() - worker.started_at), "pool": pool,
         "broker": {"hostname": host or None, "userid": None, "virtual_host": rest.split("/", 1)[1] if "/" in rest else "/",
@@ -310,24 +311,42 @@ def cancel_consumer(worker: Any, queue: str, **kwargs: Any) -> dict:
 
 @handler("pool_grow")
 def pool_grow(worker: Any, n: int = 1, **kwargs: Any) -> dict:
+    if worker.autoscaler is not None:
+        return {"error": "pool_grow is not supported with autoscale. Adjust autoscale range instead."}
     _on_hub(worker, lambda: worker.resize_pool(int(n)))
     return {"ok": "pool will grow"}
 
 
 @handler("pool_shrink")
 def pool_shrink(worker: Any, n: int = 1, **kwargs: Any) -> dict:
+    if worker.autoscaler is not None:
+        return {"error": "pool_shrink is not supported with autoscale. Adjust autoscale range instead."}
     _on_hub(worker, lambda: worker.resize_pool(-int(n)))
     return {"ok": "pool will shrink"}
 
 
 @handler("autoscale")
 def autoscale(worker: Any, max: Any = None, min: Any = None, **kwargs: Any) -> dict:  # noqa: A002
-    return {"error": "ValueError('Autoscale not enabled')"}
+    scaler = worker.autoscaler
+    if scaler is None:
+        return {"error": "ValueError('Autoscale not enabled')"}
+    _on_hub(worker, lambda: scaler.update(max, min))
+    return {"ok": f"autoscale now max={scaler.max} min={scaler.min}"}
 
 
 @handler("pool_restart")
-def pool_restart(worker: Any, **kwargs: Any) -> dict:
-    return {"error": "ValueError('Pool restarts not enabled')"}
+def pool_restart(worker: Any, modules: Any = None, reload: bool = False, **kwargs: Any) -> dict:
+    """Replace every pool process once its current task ends (new code on disk is loaded
+    by the new processes); only with ``worker_pool_restarts``, as in Celery."""
+    if not worker.app.conf.get("worker_pool_restarts"):
+        return {"error": "ValueError('Pool restarts not enabled')"}
+    restart = getattr(worker.pool, "restart", None)
+    if restart is None:
+        return {"error": f"ValueError('the {worker.pool_name} pool has no processes to restart')"}
+    for module in modules or ():
+        __import__(module)
+    restart()
+    return {"ok": "reload started"}
 
 
 @handler("shutdown")

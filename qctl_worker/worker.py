@@ -22,6 +22,7 @@ from qctl.pidfile import Pidfile, PidfileError
 from qctl.routing import select_queues
 
 from . import banner, logs, pools
+from .autoscale import Autoscaler
 from .consumer import Consumer
 from .remote import RemoteControl
 from .state import NodeState
@@ -71,6 +72,10 @@ class Worker:
         self.shutdown_timeout = shutdown_timeout if shutdown_timeout is not None else conf.worker_shutdown_timeout
         self.no_color, self.quiet = no_color, quiet
         self.without_heartbeat = without_heartbeat
+        self.autoscale = autoscale
+        self.autoscaler: Autoscaler | None = None
+        if autoscale:  # the pool starts at MIN and grows with the work
+            self.concurrency = int(autoscale[1]) or 1
         self.state = NodeState(self.statedb)
         self.clock = 0                      # Lamport clock shared by control replies and events
         self.started_at = time.monotonic()
@@ -127,6 +132,9 @@ class Worker:
         if not self.quiet:
             banner.show(self, self.logfile, self.no_color)
         self.consumer.start()                                  # consuming
+        if self.autoscale:
+            self.autoscaler = Autoscaler(self, *self.autoscale)
+            self.consumer.call_every(1.0, self.autoscaler.tick)
         self.remote = RemoteControl(self)
         self.remote.start()                                    # answers inspect/control: last
         # Shown at any log level, as Celery prints it: scripts and operators wait for it.

@@ -138,6 +138,14 @@ class PreforkPool(Pool):
                 if child.job is None:
                     self._send_stop(child)
 
+    def restart(self) -> None:
+        """Replace every child: idle ones now, busy ones after their current task."""
+        with self._lock:
+            for child in self._children:
+                child.retiring = True          # takes no new job; a successor is spawned
+                if child.job is None:
+                    self._send_stop(child)
+
     def _send_stop(self, child: _Child) -> None:
         try:
             child.conn.send_bytes(_dumps(None))

@@ -161,3 +161,34 @@ def test_cli_inspect_and_control(fleet):
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
     none = qctl("inspect", "ping", "-d", "nobody@nowhere", "-t", "1")
     assert none.returncode == 69 and "No nodes replied" in none.stderr
+
+
+def test_autoscale_grows_with_work_and_obeys_the_control_command(broker_project):
+    node = broker_project.start_worker("-n", "auto@%h", "--autoscale", "3,1")
+    app = broker_project.client()
+    inspect = app.control.inspect(destination=[node.hostname], timeout=5)
+    assert inspect.stats()[node.hostname]["pool"]["max-concurrency"] == 1
+    gate = f"auto-{uuid.uuid4().hex}"
+    held = [app.send_task("proj.gated", (gate, i)) for i in range(4)]
+    wait_for(lambda: inspect.stats()[node.hostname]["pool"]["max-concurrency"] == 3 or None, 20)
+    assert inspect.stats()[node.hostname]["autoscaler"]["max"] == 3
+    reply = app.control.autoscale(2, 1, destination=[node.hostname], reply=True, timeout=5)
+    assert reply == [{node.hostname: {"ok": "autoscale now max=2 min=1"}}]
+    assert inspect.stats()[node.hostname]["pool"]["max-concurrency"] == 2
+    grow = app.control.pool_grow(1, destination=[node.hostname], reply=True, timeout=5)
+    assert "error" in grow[0][node.hostname]
+    broker_project.open_gate(gate)
+    assert sorted(r.get(timeout=GET) for r in held) == [0, 1, 2, 3]
+
+
+def test_pool_restart_replaces_the_pool_processes(broker_project):
+    node = broker_project.start_worker("-n", "restart@%h", "-c", "2",
+                                       env={"QCTL_WORKER_POOL_RESTARTS": "true"})
+    app = broker_project.client()
+    inspect = app.control.inspect(destination=[node.hostname], timeout=5)
+    before = set(inspect.stats()[node.hostname]["pool"]["processes"])
+    assert app.control.pool_restart(destination=[node.hostname], reply=True, timeout=5) == \
+        [{node.hostname: {"ok": "reload started"}}]
+    wait_for(lambda: (lambda now: len(now) == 2 and not now & before or None)(
+        set(inspect.stats()[node.hostname]["pool"]["processes"])), 20)
+    assert app.send_task("proj.add", (1, 1)).get(timeout=GET) == 2
