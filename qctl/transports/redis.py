@@ -717,8 +717,21 @@ class RedisTransport(Transport):
         self._pipeline(False, lambda pipe: pipe.zrem("qctl.nodes", nodename))
 
     def live_nodes(self) -> set[str] | None:
-        """The members of ``qctl.nodes`` whose expiry is after the server's clock."""
-        return {_text(name) for name in self._run("live_nodes", [])}
+        """The members of ``qctl.nodes`` whose expiry is after the server's clock, plus the
+        Celery nodes bound to the pidbox exchange (they announce nothing else; a dead one only
+        makes a client wait for its timeout, as Celery's own client always does)."""
+        live = {_text(name) for name in self._run("live_nodes", [])}
+        exchange = f"{self.options.get('control_exchange', 'celery')}.pidbox"
+        suffix = f".{exchange}"
+        with self._errors:
+            members = self._redis().smembers(f"_kombu.binding.{exchange}")
+            known = {_text(name) for name in self._redis().zrange("qctl.nodes", 0, -1)}
+        for member in members:
+            queue = _text(member).rsplit(SEP, 1)[-1]
+            node = queue[:-len(suffix)] if queue.endswith(suffix) else None
+            if node and node not in known:
+                live.add(node)
+        return live
 
     # -- life cycle -----------------------------------------------------------------------
 

@@ -399,3 +399,224 @@ def amqp_project(celery_python, rabbit, redis_server, tmp_path, _clean_qctl_env)
     yield make
     for project in made:
         project.close()
+
+
+# -- command-line helpers: the real ``celery`` CLI of the venv and qctl's own ----------------
+
+CLI_TIMEOUT = 60.0
+
+
+def _completed(args: list[str], cwd: Path, env: dict[str, str],
+               timeout: float) -> subprocess.CompletedProcess:
+    """Run ``args``; a hang fails the test with what it printed so far."""
+    try:
+        return subprocess.run(args, cwd=str(cwd), env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        pytest.fail(f"{' '.join(args)} timed out after {timeout}s\n--- stdout ---\n"
+                    f"{out[-3000:]}\n--- stderr ---\n{err[-3000:]}", pytrace=False)
+
+
+def celery_cli(project: InteropProject, *args: str, timeout: float = CLI_TIMEOUT,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``<venv>/bin/celery -A capp *args`` (e.g. ``inspect ping -t 5 --json``) in the
+    project, with the project's Celery environment (same broker as the qctl side)."""
+    command = [str(project.celery_python.parent / "celery"), "-A", "capp", *args]
+    return _completed(command, project.path, project.celery_env(env), timeout)
+
+
+def qctl_cli(project: Project, *args: str, timeout: float = CLI_TIMEOUT,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m qctl -A proj *args`` (e.g. ``status -t 5``) in the project, with the
+    project's qctl environment."""
+    command = [sys.executable, "-m", "qctl", "-A", "proj", *args]
+    return _completed(command, project.path, project.env({"COLUMNS": "200", **(env or {})}),
+                      timeout)
+
+
+def cli_text(proc: subprocess.CompletedProcess) -> str:
+    """What a command printed, for assertion messages."""
+    return (f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n"
+            f"--- stderr ---\n{proc.stderr[-4000:]}")
+
+
+# -- Flower: a second cached venv (Celery 5.7 + Flower) ----------------------------------------
+#
+# Flower lives in its own venv, not in ``celery-5.7-venv``: adding it there would make every
+# other interop session rebuild (rmtree) the venv its running Celery workers come from.
+# This one is built only when a Flower test runs, cached like the first one and rebuilt when
+# its requirement list (kept in its marker file) changes or it no longer imports.
+
+FLOWER_VERSION = "2.2.0"
+FLOWER_REQUIREMENTS = (*REQUIREMENTS, f"flower=={FLOWER_VERSION}")
+FLOWER_VENV_NAME = "celery-5.7-flower-venv"
+_FLOWER_CHECK = ("import json, celery, flower, tornado, kombu.transport.redis, "
+                 "kombu.transport.pyamqp; "
+                 "assert celery.__version__ == %r, celery.__version__; "
+                 "print(json.dumps({'celery': celery.__version__, 'flower': flower.__version__, "
+                 "'tornado': tornado.version}))" % CELERY_VERSION)
+
+FLOWER_REPORT: dict[str, Any] = {}
+_FLOWER_STATE: dict[str, Any] = {}
+
+
+def flower_venv_dir() -> Path:
+    return venv_dir().parent / FLOWER_VENV_NAME
+
+
+def _flower_marker_text() -> str:
+    return json.dumps({"requirements": list(FLOWER_REQUIREMENTS),
+                       "base": sys.version.split()[0]})
+
+
+def _flower_venv_ok(path: Path) -> dict | None:
+    try:
+        if (path / MARKER).read_text() != _flower_marker_text():
+            return None
+        if not os.access(path / "bin" / "celery", os.X_OK):
+            return None
+        proc = subprocess.run([str(_venv_python(path)), "-c", _FLOWER_CHECK],
+                              capture_output=True, text=True, timeout=120, env=_pip_env(),
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def ensure_flower_venv() -> Path:
+    """The python of the Flower venv; built (under its own file lock) when missing, broken
+    or made for another requirement list."""
+    path = flower_venv_dir()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(path.parent / f"{FLOWER_VENV_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        versions = _flower_venv_ok(path)
+        if versions is None:
+            FLOWER_REPORT["rebuilt"] = path.exists()
+            shutil.rmtree(path, ignore_errors=True)
+            _run_step([sys.executable, "-m", "venv", str(path)], 300)
+            _run_step([str(_venv_python(path)), "-m", "pip", "install", "--quiet", "--no-input",
+                       "--disable-pip-version-check", *FLOWER_REQUIREMENTS], VENV_TIMEOUT)
+            (path / MARKER).write_text(_flower_marker_text())
+            versions = _flower_venv_ok(path)
+            if versions is None:
+                (path / MARKER).unlink(missing_ok=True)
+                raise RuntimeError(f"the new venv {path} does not import flower "
+                                   f"{FLOWER_VERSION} with celery {CELERY_VERSION}")
+            FLOWER_REPORT["created"] = True
+        FLOWER_REPORT.update(path=str(path), versions=versions,
+                             seconds=time.monotonic() - started)
+        return _venv_python(path)
+
+
+@pytest.fixture(scope="session")
+def flower_python() -> Path:
+    """The python of the cached Celery 5.7 + Flower venv (skip, or fail in CI, without it).
+    Built at first use: give the test that first asks for it a timeout that allows for it."""
+    if "python" not in _FLOWER_STATE and "error" not in _FLOWER_STATE:
+        try:
+            _FLOWER_STATE["python"] = ensure_flower_venv()
+        except Exception as exc:  # noqa: BLE001
+            _FLOWER_STATE["error"] = (f"cannot create the Flower {FLOWER_VERSION} virtualenv in "
+                                      f"{flower_venv_dir()}: {exc}")
+    if "error" in _FLOWER_STATE:
+        _missing(_FLOWER_STATE["error"])
+    return _FLOWER_STATE["python"]
+
+
+class FlowerProcess:
+    """``celery -A capp flower --port P --address 127.0.0.1`` of the Flower venv, on the
+    project's broker; stopped (TERM -> KILL, by PID) by ``close()``."""
+
+    def __init__(self, project: InteropProject, flower_python: Path,
+                 *args: str) -> None:
+        from tests.servers_redis import free_port
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = project.path / f"flower-{self.port}.log"
+        self._log = open(self.log_path, "ab")
+        command = [str(Path(flower_python).parent / "celery"), "-A", "capp", "flower",
+                   f"--port={self.port}", "--address=127.0.0.1", *args]
+        env = project.celery_env({"FLOWER_UNAUTHENTICATED_API": "true"})
+        self.popen = subprocess.Popen(command, cwd=str(project.path), env=env,
+                                      stdin=subprocess.DEVNULL, stdout=self._log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.popen.pid
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        return (f"--- tail of {self.log_path} (pid {self.pid}, returncode "
+                f"{self.popen.poll()}) ---\n" + "\n".join(text.splitlines()[-lines:]))
+
+    def get(self, path: str, timeout: float = 30.0) -> tuple[int, Any]:
+        """(HTTP status, decoded JSON or text) of ``GET path``."""
+        import urllib.error
+        import urllib.request
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=timeout) as response:
+                status, data = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, data = exc.code, exc.read()
+        text = data.decode("utf-8", "replace")
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            return status, text
+
+    def wait_listening(self, timeout: float = 60.0) -> None:
+        import socket
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.popen.poll() is not None:
+                pytest.fail(f"flower exited with {self.popen.returncode}\n" + self.tail(),
+                            pytrace=False)
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() >= deadline:
+                pytest.fail(f"flower not listening on {self.port} after {timeout}s\n"
+                            + self.tail(), pytrace=False)
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(10)
+        try:
+            os.killpg(self.pid, signal.SIGKILL)   # anything it started (its own group only)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._log.close()
+
+
+@pytest.fixture
+def start_flower(flower_python) -> Iterator[Any]:
+    """``start_flower(project, *args)`` -> a listening ``FlowerProcess``; stopped at teardown."""
+    started: list[FlowerProcess] = []
+
+    def start(project: InteropProject, *args: str, timeout: float = 60.0) -> FlowerProcess:
+        flower = FlowerProcess(project, flower_python, *args)
+        started.append(flower)
+        flower.wait_listening(timeout)
+        return flower
+
+    yield start
+    for flower in started:
+        flower.close()
