@@ -109,7 +109,9 @@ def stats(worker: Any) -> dict:
     app = worker.app
     url = app.conf.effective_broker_url
     scheme, _, rest = url.partition("://")
-    hostpart = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    authority = rest.split("/", 1)[0]
+    hostpart = authority.rsplit("@", 1)[-1]
+    userid = authority.rsplit("@", 1)[0].split(":", 1)[0] if "@" in authority else ""
     host, _, port = hostpart.partition(":")
     pool = dict(worker.pool.info())
     pool["timeouts"] = [worker.soft_time_limit, worker.time_limit]
@@ -117,11 +119,14 @@ def stats(worker: Any) -> dict:
     return {**extra,
         "total": dict(worker.state.total), "pid": os.getpid(), "clock": str(worker.clock),
         "uptime": int(time.monotonic() - worker.started_at), "pool": pool,
-        "broker": {"hostname": host or None, "userid": None, "virtual_host": rest.split("/", 1)[1] if "/" in rest else "/",
-                   "port": int(port) if port.isdigit() else None, "insist": False, "ssl": scheme.endswith("s"),
-                   "transport": scheme, "connect_timeout": 4, "transport_options": {},
-                   "login_method": None, "uri_prefix": None, "heartbeat": 120.0,
-                   "failover_strategy": "round-robin", "alternates": []},
+        "broker": {"hostname": host or None, "userid": userid or None,
+                   "virtual_host": rest.split("/", 1)[1] if "/" in rest else "/",
+                   "port": int(port) if port.isdigit() else None, "insist": False,
+                   "ssl": scheme in ("rediss", "amqps"), "transport": scheme,
+                   "connect_timeout": 4, "transport_options": {},
+                   "login_method": "PLAIN" if scheme.startswith("amqp") else None,
+                   "uri_prefix": None, "heartbeat": 120.0, "failover_strategy": "round-robin",
+                   "alternates": [], "credential_provider": None},
         "prefetch_count": worker.consumer.window,
         "rusage": {"utime": usage.ru_utime, "stime": usage.ru_stime, "maxrss": usage.ru_maxrss,
                    "minflt": usage.ru_minflt, "majflt": usage.ru_majflt, "nvcsw": usage.ru_nvcsw,
@@ -171,16 +176,32 @@ def registered(worker: Any, taskinfoitems: Any = None, builtins: bool = False) -
     return out
 
 
+#: Every key of kombu's ``Queue.as_dict(recurse=True)``: Flower's worker page reads them.
+_QUEUE_KEYS = {"alias": None, "auto_delete": False, "binding_arguments": None, "bindings": [],
+               "consumer_arguments": None, "durable": True, "exclusive": False, "expires": None,
+               "max_length": None, "max_length_bytes": None, "max_priority": None,
+               "message_ttl": None, "no_ack": False, "no_declare": None, "queue_arguments": None}
+_EXCHANGE_KEYS = {"arguments": None, "auto_delete": False, "delivery_mode": None,
+                  "durable": True, "no_declare": False, "passive": False, "type": "direct"}
+
+
 @handler("active_queues")
 def active_queues(worker: Any) -> list:
     queues = worker.app.router.queues
     out = []
     for name in list(worker.consumer.queues):
         queue = queues.get(name)
-        data = queue.as_dict() if queue is not None and hasattr(queue, "as_dict") else {"name": name}
+        data = queue.as_dict() if queue is not None and hasattr(queue, "as_dict") else {}
         exchange = data.get("exchange")
         if hasattr(exchange, "as_dict"):
-            data["exchange"] = exchange.as_dict()
+            exchange = exchange.as_dict()
+        if not isinstance(exchange, dict):
+            exchange = {"name": exchange or name}
+        data = {**_QUEUE_KEYS, "name": name, "routing_key": name, **data,
+                "exchange": {**_EXCHANGE_KEYS, **exchange}}
+        for key in ("queue_arguments", "binding_arguments", "consumer_arguments"):
+            data[key] = data[key] or None  # kombu sends null, not {}
+        data["exchange"]["arguments"] = data["exchange"]["arguments"] or None
         out.append(_jsonable(data))
     return out
 
