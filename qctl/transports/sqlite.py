@@ -91,6 +91,7 @@ DEFAULT_FILE = "qctl.sqlite3"
 _SYNCHRONOUS = {"OFF", "NORMAL", "FULL", "EXTRA", "0", "1", "2", "3"}
 _CHUNK = 500            # ids per IN (...) list; far below SQLITE_MAX_VARIABLE_NUMBER
 _LOCK_RETRIES = 5
+_BROADCAST_POLL = 0.02  # seconds between looks for new broadcasts
 _IDLE_RECHECK = 1.0     # seconds between cheap re-checks while idle (clock jumps, missed wakes)
 _BROADCAST_KEEP = 60.0  # seconds a broadcast row stays for subscribers that have not read it
 _MAILBOX_IDLE = 86400.0 # an open mailbox neither re-opened nor read for this long is forgotten
@@ -274,7 +275,8 @@ class Database:
         """Changes whenever another connection commits to the file."""
         return self.read(lambda c: c.execute("PRAGMA data_version").fetchone()[0])
 
-    def wait_change(self, version: int, deadline: float, wake_at: float | None = None) -> bool:
+    def wait_change(self, version: int, deadline: float, wake_at: float | None = None,
+                    interval: float | None = None) -> bool:
         """Poll until ``data_version`` differs from ``version`` (True), the monotonic
         ``deadline`` passes or the wall time ``wake_at`` comes (False)."""
         conn = self.conn()
@@ -284,21 +286,21 @@ class Database:
                 left = min(left, wake_at - time.time())
             if left <= 0:
                 return False
-            time.sleep(min(self.poll_interval, left))
+            time.sleep(min(interval or self.poll_interval, left))
             try:
                 if conn.execute("PRAGMA data_version").fetchone()[0] != version:
                     return True
             except sqlite3.Error:
                 return True     # let the caller's next real query report (or retry) the problem
 
-    def poll(self, fn: Callable[[], list], timeout: float) -> list:
+    def poll(self, fn: Callable[[], list], timeout: float, interval: float | None = None) -> list:
         """``fn()`` until it returns something (or ``timeout`` s pass), polling ``data_version``
         in between: an idle waiter takes no lock and wakes within ``poll_interval`` of a commit."""
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
             version = self.data_version()       # before ``fn``: no commit slips between
             got = fn()
-            if got or not self.wait_change(version, deadline):
+            if got or not self.wait_change(version, deadline, interval=interval):
                 return got
 
     def close(self) -> None:
@@ -390,7 +392,10 @@ class SqliteSubscription(Subscription):
 
     def get(self, timeout: float) -> list[ControlMessage]:
         """Messages broadcast since the last call; waits up to ``timeout`` s for the first."""
-        return self._db.poll(self._read, 0.0 if self._closed else timeout)
+        # Broadcasts (control requests, events) may wait a few more milliseconds than tasks:
+        # in a busy node every task's commit wakes this poll, so it looks less often.
+        return self._db.poll(self._read, 0.0 if self._closed else timeout,
+                             interval=_BROADCAST_POLL)
 
     def close(self) -> None:
         """Stop receiving. Idempotent."""
