@@ -137,7 +137,8 @@ class Tracer:
         meta["task_id"] = request.id
         return meta
 
-    def _finish_meta(self, meta: dict[str, Any] | None, follow_ups: bool) -> bytes | None:
+    def _finish_meta(self, meta: dict[str, Any] | None) -> bytes | None:
+        """Store ``meta`` now (eager runs) or encode it for the worker's main process."""
         if meta is None:
             return None
         if self.store is not None:
@@ -157,7 +158,7 @@ class Tracer:
             send_follow_ups(task, request, value)
         meta = None if ignore else self._meta(states.SUCCESS, value, None, True)
         try:
-            encoded = self._finish_meta(meta, follow_ups)
+            encoded = self._finish_meta(meta)
         except Exception as exc:  # e.g. the value cannot be serialized
             return self.failed(exc)
         task.on_success(value, request.id, tuple(request.args), request.kwargs or {})
@@ -194,7 +195,7 @@ class Tracer:
         runtime = time.monotonic() - self.started
         text = format_traceback(retry.exc or retry)
         meta = self._meta(states.RETRY, exception_to_meta(retry.exc or retry), text, False)
-        encoded = self._finish_meta(meta, False) if not request.is_eager else None
+        encoded = self._finish_meta(meta) if not request.is_eager else None
         einfo = ExceptionInfo(retry.exc or retry, text)
         task.on_retry(retry.exc or retry, request.id, tuple(request.args), request.kwargs or {}, einfo)
         task.after_return(states.RETRY, retry, request.id, tuple(request.args),
@@ -213,11 +214,11 @@ class Tracer:
         encoded = None
         if not request.is_eager:
             try:
-                encoded = self._finish_meta(meta, bool(request.errbacks or request.chord))
+                encoded = self._finish_meta(meta)
             except Exception:  # the exception's args do not serialize: store its repr
                 meta["result"] = {"exc_type": type(exc).__name__, "exc_message": [repr(exc)],
                                   "exc_module": "builtins"}
-                encoded = self._finish_meta(meta, False)
+                encoded = self._finish_meta(meta)
             if request.errbacks or request.chord:
                 from .canvas import send_errbacks
                 send_errbacks(task, request, exc, text)

@@ -16,7 +16,7 @@ def lines(worker: Any) -> list[str]:
         f" -------------- {worker.hostname} v{qctl.__version__}",
         f"--- ***** ----- {platform.platform()} {datetime.now():%Y-%m-%d %H:%M:%S}",
         "-- ******* ---- ",
-        f"- *** --- * --- [config]",
+        "- *** --- * --- [config]",
         f"- ** ---------- .> app:         {app.main or '__main__'}:{id(app):#x}",
         f"- ** ---------- .> transport:   {app.safe_broker_url}",
         f"- ** ---------- .> results:     {app.safe_result_backend}",

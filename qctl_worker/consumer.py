@@ -487,7 +487,7 @@ class Consumer:
         """Store results, then acknowledge: one round trip each for everything pending."""
         results: list = []
         acks: list = []
-        stopping = False
+        stopping = failing = False
         while True:
             if not results and not acks:
                 if stopping:
@@ -509,8 +509,13 @@ class Consumer:
             try:
                 self.transport.ack_and_store(acks, self.backend, results)
                 results, acks = [], []
+                if failing:
+                    logger.info("Results and acknowledgements are being written again")
+                    failing = False
             except Exception as exc:  # noqa: BLE001 - keep them and try again
-                logger.error("Cannot store results / acknowledge messages: %s (retrying)", exc)
+                if not failing:  # once per outage, not once per attempt
+                    logger.error("Cannot store results / acknowledge messages: %s (retrying)", exc)
+                    failing = True
                 time.sleep(0.5)
 
     # -- stopping -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from qctl import signals as app_signals
 from qctl.exceptions import SoftTimeLimitExceeded
 from qctl.trace import Outcome
 
-from ..execution import TIME_LIMIT, WORKER_LOST, Job, execute
+from ..execution import WORKER_LOST, Job, execute
 from . import Pool
 
 logger = logging.getLogger("qctl.worker.pool")
