@@ -34,8 +34,12 @@ def show(worker: Any, logfile: str | None, no_color: bool) -> None:
     """Print to stdout; with ``--logfile`` the banner goes to the log file too."""
     text = "\n".join(lines(worker))
     if logfile:
-        with open(logfile, "a", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+        from .logs import expand_logfile, open_logfile
+        handler = open_logfile(expand_logfile(logfile, 0))   # no symlink followed here either
+        try:
+            handler.stream.write(text + "\n")
+        finally:
+            handler.close()
         return
     if sys.stdout.isatty() and not no_color:
         from rich.console import Console

@@ -1,6 +1,8 @@
 """The worker node. ``Worker.run()`` is the map of the node: start order, wait, stop order.
 
     start: logging -> app -> broker -> queues -> state db -> pool -> consumer (last) -> ready
+    signals: TERM warm stop, INT warm then cold, QUIT cold, USR1 stack dump (main process and
+           every pool child), HUP reopen log files and, when detached, restart in place
     warm stop (TERM, INT): stop fetching -> give back messages not running -> let running
            tasks finish (up to --shutdown-timeout) -> flush results and acks -> pool -> state db
     cold stop (QUIT, second INT, or the timeout): stop fetching -> kill the pool -> give back
@@ -8,20 +10,22 @@
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from qctl import signals as app_signals
 from qctl.exceptions import ImproperlyConfigured, OperationalError
 from qctl.pidfile import Pidfile, PidfileError
 from qctl.routing import select_queues
 
-from . import banner, logs, pools
+from . import banner, logs, pools, sdnotify
 from .autoscale import Autoscaler
 from .consumer import Consumer
 from .remote import RemoteControl
@@ -51,7 +55,9 @@ class Worker:
                  time_limit: float | None = None, soft_time_limit: float | None = None,
                  autoscale: tuple[int, int] | None = None, without_heartbeat: bool = False,
                  statedb: str | None = None, shutdown_timeout: float | None = None,
-                 no_color: bool = False, quiet: bool = False, **extra: Any) -> None:
+                 no_color: bool = False, quiet: bool = False, detached: bool = False,
+                 on_ready: Callable[[], None] | None = None,
+                 restart_command: tuple[str, list[str]] | None = None, **extra: Any) -> None:
         conf = app.conf
         self.app = app
         self.hostname = expand_hostname(hostname)
@@ -83,8 +89,16 @@ class Worker:
         self.queues: list[str] = []
         self.pool: Any = None
         self.consumer: Consumer | None = None
+        self.detached = detached
+        self.on_ready = on_ready                  # the detach pipe: tell the shell we are up
+        self.restart_command = restart_command    # (cwd, argv) to re-execute on HUP
+        self.start_error = ""                     # why start() failed, for the detach pipe
+        self.notifier = sdnotify.Notifier.from_env()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._actions: collections.deque[str] = collections.deque()
         self._cold = False
+        self._restart = False
         self._int_count = 0
 
     # -- the node's life, in order --------------------------------------------------------
@@ -98,19 +112,27 @@ class Worker:
                 pidfile.acquire()                              # before anything else: one node
         except PidfileError as exc:
             logger.critical("Cannot start worker %s: %s", self.hostname, exc)
+            self.start_error = str(exc)
             return EX_CANTCREAT
+        self._install_signal_handlers()                        # a TERM during start is a stop
         try:
             self.start()
         except (ImproperlyConfigured, OperationalError, ValueError) as exc:
             logger.critical("Cannot start worker %s: %s", self.hostname, exc)
+            self.start_error = str(exc)
             self.stop(cold=True)
             if pidfile is not None:
                 pidfile.release()
             return EX_UNAVAILABLE if isinstance(exc, OperationalError) else EX_CONFIG
-        self._install_signal_handlers()
-        while not self._stop.wait(1.0):
-            pass
+        self._tell_ready()
+        while not self._stop.is_set():                         # signal handlers only queue
+            self._wake.wait(1.0)
+            self._wake.clear()
+            while self._actions:
+                self._perform(self._actions.popleft())
         self.stop(cold=self._cold)
+        if self._restart and self.restart_command is not None:
+            self._reexec()                                     # same PID, same pidfile
         if pidfile is not None:
             pidfile.release()                                  # removed on a clean exit
         return EX_OK
@@ -141,7 +163,20 @@ class Worker:
         logger.log(max(logging.getLogger().getEffectiveLevel(), logging.INFO), "%s ready.", self.hostname)
         app_signals.worker_ready.send(sender=self)
 
+    def _tell_ready(self) -> None:
+        """Consuming: release ``--detach``'s shell, tell systemd, start its watchdog."""
+        if self.on_ready is not None:
+            self.on_ready()
+        if self.notifier is not None:
+            self.notifier.ready(f"{self.hostname}: consuming from {', '.join(self.queues)}")
+            interval = self.notifier.watchdog_interval()
+            if interval and self.consumer is not None:
+                # From the consumer's loop: a wedged loop stops the pings and systemd acts.
+                self.consumer.call_every(interval, self.notifier.watchdog)
+
     def stop(self, cold: bool = False) -> None:
+        if self.notifier is not None:
+            self.notifier.stopping(f"{self.hostname}: {'cold' if cold else 'warm'} shutdown")
         app_signals.worker_shutting_down.send(sender=self.hostname, sig=None, how="cold" if cold else "warm")
         consumer, pool = self.consumer, self.pool
         if self.remote is not None:
@@ -193,16 +228,19 @@ class Worker:
             raise ImproperlyConfigured("no queue left to consume from (check -Q and -X)")
         return names
 
-    # -- signals: handlers only set flags -------------------------------------------------
+    # -- signals: handlers only queue work for the main loop ------------------------------
 
     def _install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_int)
         signal.signal(signal.SIGQUIT, self._on_quit)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+        signal.signal(signal.SIGHUP, self._on_hup)
 
     def request_stop(self, cold: bool = False) -> None:
         self._cold = self._cold or cold
         self._stop.set()
+        self._wake.set()
 
     def _on_term(self, signum: int, frame: Any) -> None:
         logger.info("worker: Warm shutdown (MainProcess)")
@@ -221,3 +259,40 @@ class Worker:
         logger.info("worker: Cold shutdown (MainProcess)")
         self.request_stop(cold=True)
 
+    def _on_usr1(self, signum: int, frame: Any) -> None:
+        self._actions.append("dump-stacks")
+        self._wake.set()
+
+    def _on_hup(self, signum: int, frame: Any) -> None:
+        self._actions.append("hup")
+        self._wake.set()
+
+    def _perform(self, action: str) -> None:
+        """Run in the main loop, outside any signal handler (logging takes locks)."""
+        if action == "dump-stacks":
+            logger.warning("%s", logs.format_stacks("MainProcess"))
+            for pid in self.pool.pids() if self.pool is not None else []:
+                try:
+                    os.kill(pid, signal.SIGUSR1)               # each child logs its own
+                except ProcessLookupError:
+                    pass
+        elif action == "hup":
+            reopened = logs.reopen()
+            if self.detached and self.restart_command is not None:
+                logger.warning("worker: Restarting in place (HUP)")
+                self._restart = True
+                self.request_stop()
+            else:
+                logger.info("worker: HUP: %d log file(s) reopened; a node in the foreground "
+                            "restarts only when detached (its supervisor restarts it)", reopened)
+
+    def _reexec(self) -> None:
+        cwd, argv = self.restart_command  # type: ignore[misc]
+        logger.info("worker: Re-executing %s", " ".join(argv))
+        logging.shutdown()
+        os.environ["QCTL_DETACHED_REEXEC"] = "1"
+        try:
+            os.chdir(cwd)
+        except OSError:
+            pass
+        os.execv(sys.executable, [sys.executable, "-m", "qctl", *argv])

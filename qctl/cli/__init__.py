@@ -27,10 +27,12 @@ __all__ = ["main", "cli", "CliContext", "CliError", "COMMANDS"]
 #: beat, events, completion) are added here and nowhere else.
 COMMANDS: dict[str, str] = {
     "call": "qctl.cli.call:call",
+    "completion": "qctl.cli.completion:completion",
     "control": "qctl.cli.control:control",
     "dead": "qctl.cli.dead:dead",
     "events": "qctl.cli.events:events",
     "inspect": "qctl.cli.inspect:inspect",
+    "multi": "qctl.cli.multi:multi",
     "purge": "qctl.cli.purge:purge",
     "report": "qctl.cli.report:report",
     "result": "qctl.cli.result:result",
@@ -131,6 +133,7 @@ def main(ctx: click.Context, app: str | None, broker: str | None, result_backend
     `qctl call proj.add --args '[2, 2]'` sends a task. With no broker configured anywhere,
     everything uses qctl.sqlite3 in the working directory.
     """
+    ctx.meta["qctl.start_cwd"] = os.getcwd()   # a node restarting in place (HUP) returns here
     if workdir:
         os.chdir(workdir)
     obj = CliContext(app=app, broker=broker, result_backend=result_backend, config=config,

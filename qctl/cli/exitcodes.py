@@ -17,7 +17,9 @@ code  name         when
 69    UNAVAILABLE  the broker or result backend cannot be reached, no node replied
 70    SOFTWARE     an internal error (a bug: run with ``QCTL_DEBUG=1`` for the traceback)
                    or a feature that is not implemented yet
+73    CANTCREAT    a pidfile names a running node, or cannot be created
 75    TEMPFAIL     a wait timed out (``--wait --timeout``); trying again may succeed
+77    NOPERM       ``--uid``/``--gid`` could not be taken (not root)
 78    CONFIG       the configuration is wrong: unknown URL scheme, bad setting value
 ====  ===========  ==================================================================
 """
@@ -30,8 +32,10 @@ DATAERR = 65
 NOINPUT = 66
 UNAVAILABLE = 69
 SOFTWARE = 70
+CANTCREAT = 73
 TEMPFAIL = 75
+NOPERM = 77
 CONFIG = 78
 
 __all__ = ["OK", "FAILURE", "USAGE", "DATAERR", "NOINPUT", "UNAVAILABLE", "SOFTWARE",
-           "TEMPFAIL", "CONFIG"]
+           "CANTCREAT", "TEMPFAIL", "NOPERM", "CONFIG"]

@@ -5,6 +5,10 @@ stays light. Everything about running the node lives in ``qctl_worker``.
 """
 from __future__ import annotations
 
+import errno
+import os
+import sys
+
 import click
 
 from . import exitcodes
@@ -50,40 +54,80 @@ LOGLEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
               help="Keep revoked task ids in this file across restarts.")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Warm shutdown: wait this long for running tasks, then stop cold.")
-@click.option("-D", "--detach", is_flag=True, help="Run in the background (not supported yet).")
-@click.option("--uid", metavar="UID", help="Drop privileges to this user (not supported yet).")
-@click.option("--gid", metavar="GID", help="Drop privileges to this group (not supported yet).")
-@click.option("--umask", metavar="UMASK", help="File creation mask (not supported yet).")
-@click.option("--check", is_flag=True, help="Check the broker and the app, then exit.")
-@click.pass_obj
-def worker(obj: CliContext, hostname: str | None, concurrency: int | None, pool: str | None,
+@click.option("-D", "--detach", is_flag=True,
+              help="Run in the background; return once the node is consuming (exit 0) or "
+                   "failed to start (its exit code). Defaults --pidfile=%n.pid --logfile=%n%I.log.")
+@click.option("--workdir", "node_workdir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Change to this directory before opening files (after --detach).")
+@click.option("--uid", metavar="USER", help="Drop privileges to this user (name or id).")
+@click.option("--gid", metavar="GROUP", help="Drop privileges to this group (name or id).")
+@click.option("--umask", metavar="OCTAL", help="File creation mask, e.g. 027.")
+@click.option("--check", is_flag=True,
+              help="Probe: exit 0 if the node named by -n is consuming (answers a ping), "
+                   "69 otherwise. Starts nothing.")
+@click.option("--check-timeout", type=click.FloatRange(min=0, min_open=True), default=2.0,
+              show_default=True, metavar="SECONDS", help="How long --check waits for the node.")
+@click.pass_context
+def worker(ctx: click.Context, hostname: str | None, concurrency: int | None, pool: str | None,
            queues: list[str] | None, exclude_queues: list[str] | None, loglevel: str,
            logfile: str | None, pidfile: str | None, task_events: bool, beat: bool,
            prefetch_multiplier: int | None, max_tasks_per_child: int | None,
            max_memory_per_child: int | None, time_limit: float | None,
            soft_time_limit: float | None, autoscale: tuple[int, int] | None,
            without_heartbeat: bool, statedb: str | None, shutdown_timeout: float | None,
-           detach: bool, uid: str | None, gid: str | None, umask: str | None,
-           check: bool) -> None:
+           detach: bool, node_workdir: str | None, uid: str | None, gid: str | None,
+           umask: str | None, check: bool, check_timeout: float) -> None:
     """Start a worker node: consume tasks from the broker and run them.
 
-    TERM or the first INT stops it warmly (running tasks finish), QUIT or a second INT
-    stops it at once; unacknowledged messages go back to their queue.
+    \b
+    Signals: TERM (or a first INT) stops warmly: running tasks finish, nothing new starts.
+    QUIT (or a second INT) stops at once; unacknowledged messages go back to their queue.
+    USR1 logs the stack of every thread and pool process. HUP reopens the log files and,
+    when detached, restarts the node in place (same pid).
+    \b
+    In --pidfile, --logfile and --statedb: %n node name, %h/%p full node name, %d domain,
+    %i pool process index (0 = main), %I '-<index>' in children and '' in the main process.
     """
-    for flag, given in (("--detach", detach), ("--uid", uid), ("--gid", gid), ("--umask", umask)):
-        if given:
-            raise CliError(f"{flag} is not supported yet", exitcodes.USAGE)
-    if check:
-        raise CliError("--check is not implemented yet", exitcodes.SOFTWARE)
-    app = obj.app
+    obj: CliContext = ctx.obj
     try:
-        from qctl_worker.worker import Worker
+        from qctl_worker import daemon
+        from qctl_worker.worker import Worker, expand_hostname
     except ModuleNotFoundError as exc:
-        if exc.name not in ("qctl_worker", "qctl_worker.worker"):
+        if exc.name not in ("qctl_worker", "qctl_worker.worker", "qctl_worker.daemon"):
             raise
         raise CliError(f"the worker runtime is not installed: {exc}", exitcodes.SOFTWARE) from exc
-    raise SystemExit(Worker(
-        app, hostname=hostname, concurrency=concurrency,
+    nodename = expand_hostname(hostname)
+    if check:
+        _check(obj, nodename, check_timeout)
+        return
+    try:
+        mask = daemon.parse_umask(umask)
+        user_id, group_id = daemon.resolve_ids(uid, gid)
+    except ValueError as exc:
+        raise CliError(str(exc), exitcodes.USAGE) from exc
+    reexec = os.environ.pop(daemon.REEXEC_ENV, "") == "1"      # HUP: already a daemon
+    if detach:
+        pidfile = pidfile or "%n.pid"
+        logfile = logfile or "%n%I.log"
+    pidfile, logfile, statedb = (daemon.expand_node_template(v, nodename) if v else v
+                                 for v in (pidfile, logfile, statedb))
+    app = obj.app                                   # a bad -A fails here, in the foreground
+    ready = None
+    if detach and not reexec:
+        from qctl_worker.logs import expand_logfile
+        ready = daemon.detach(nodename, logfile and expand_logfile(logfile, 0))
+    try:
+        daemon.prepare_process(node_workdir, mask, user_id, group_id)
+    except OSError as exc:
+        message = f"cannot become {uid or ''}{':' if gid else ''}{gid or ''}: {exc.strerror}" \
+            if exc.errno == errno.EPERM else f"cannot prepare the node: {exc}"
+        if ready is not None:
+            ready.fail(exitcodes.NOPERM, message)
+            raise SystemExit(exitcodes.NOPERM)
+        raise CliError(message, exitcodes.NOPERM) from exc
+    start_cwd = ctx.find_root().meta.get("qctl.start_cwd", os.getcwd())
+    node = Worker(
+        app, hostname=nodename, concurrency=concurrency,
         pool=(pool or app.conf.worker_pool or "prefork").lower(),
         queues=queues or None, exclude_queues=exclude_queues or None,
         loglevel=loglevel.upper(), logfile=logfile, pidfile=pidfile, events=task_events,
@@ -92,4 +136,19 @@ def worker(obj: CliContext, hostname: str | None, concurrency: int | None, pool:
         time_limit=time_limit, soft_time_limit=soft_time_limit, autoscale=autoscale,
         without_heartbeat=without_heartbeat, statedb=statedb,
         shutdown_timeout=shutdown_timeout, no_color=obj.no_color, quiet=obj.quiet,
-    ).run())
+        detached=detach, on_ready=ready.ready if ready is not None else None,
+        restart_command=(start_cwd, sys.argv[1:]) if detach else None,
+    )
+    code = node.run()
+    if ready is not None and code != 0:
+        ready.fail(code, node.start_error or f"exited with code {code}")
+    raise SystemExit(code)
+
+
+def _check(obj: CliContext, nodename: str, timeout: float) -> None:
+    """Health probe: the node answers a ping only once its consumer runs."""
+    replies = obj.app.control.ping(destination=[nodename], timeout=timeout)
+    if not any(nodename in reply for reply in replies or []):
+        raise CliError(f"node {nodename} is not consuming (no reply within {timeout:g}s)",
+                       exitcodes.UNAVAILABLE)
+    obj.out.print(f"{nodename}: OK")

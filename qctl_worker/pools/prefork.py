@@ -21,6 +21,7 @@ from qctl import signals as app_signals
 from qctl.exceptions import SoftTimeLimitExceeded
 from qctl.trace import Outcome
 
+from .. import logs
 from ..execution import WORKER_LOST, Job, execute
 from . import Pool
 
@@ -59,7 +60,6 @@ class PreforkPool(Pool):
         self._children: list[_Child] = []
         self._lock = threading.RLock()
         self._stopping = False
-        self._next_index = 1
         self._reader: threading.Thread | None = None
         self._wakeup_r, self._wakeup_w = os.pipe()
 
@@ -75,11 +75,14 @@ class PreforkPool(Pool):
 
     def _spawn(self) -> _Child:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        index = self._next_index
-        self._next_index += 1
+        # Slot numbers, as Celery's %i: a replacement child takes the lowest free index, so
+        # per-process log files (w1-1.log, w1-2.log) stay few however often children recycle.
+        taken = {c.index for c in self._children if c.process.is_alive() or c.job is not None}
+        index = next(i for i in range(1, len(self._children) + 2) if i not in taken)
         process = self._ctx.Process(
             target=_child_main, name=f"ForkPoolWorker-{index}",
-            args=(child_conn, self.app, self.max_tasks_per_child, self.max_memory_per_child))
+            args=(child_conn, self.app, self.max_tasks_per_child, self.max_memory_per_child,
+                  index))
         process.start()
         child_conn.close()
         child = _Child(process, parent_conn, index)
@@ -295,12 +298,21 @@ def _on_soft_limit(signum: int, frame: Any) -> None:
         raise SoftTimeLimitExceeded("SoftTimeLimitExceeded()")
 
 
-def _child_main(conn: Any, app: Any, max_tasks: int | None, max_memory_kib: int | None) -> None:
+def _on_usr1(signum: int, frame: Any) -> None:
+    logs.write_stacks_raw(multiprocessing.current_process().name)
+
+
+def _child_main(conn: Any, app: Any, max_tasks: int | None, max_memory_kib: int | None,
+                index: int = 0) -> None:
     global _in_task
-    # The main process handles INT/TERM/QUIT/HUP for the node; a child only dies with it.
+    # The main process handles INT/TERM/QUIT/HUP for the node (a Ctrl+C reaches the whole
+    # process group: children must not act on it); a child only dies with the node. TERM
+    # stays default so the node can end a child; USR1 dumps this child's stacks.
     for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN if signum != signal.SIGTERM else signal.SIG_DFL)
     signal.signal(signal.SIGALRM, _on_soft_limit)
+    signal.signal(signal.SIGUSR1, _on_usr1)
+    logs.setup_child(index)
     try:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except Exception:  # not Linux: the pipe's EOF still ends us when idle
