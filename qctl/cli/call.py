@@ -11,6 +11,7 @@ import click
 
 from ..exceptions import TimeoutError as QctlTimeoutError
 from . import exitcodes
+from .complete import task_names
 from .context import CliContext, CliError
 from .params import JSON_ARRAY, JSON_OBJECT, ISODateTime, SecondsOrDateTime
 from .result import render_meta
@@ -19,7 +20,7 @@ SERIALIZERS = ["json", "pickle", "yaml", "msgpack"]
 
 
 @click.command()
-@click.argument("task")
+@click.argument("task", shell_complete=task_names)
 @click.option("-a", "--args", "args", type=JSON_ARRAY, default=None, metavar="JSON",
               help='Positional arguments as a JSON array, e.g. \'[2, 2]\'.')
 @click.option("-k", "--kwargs", "kwargs", type=JSON_OBJECT, default=None, metavar="JSON",

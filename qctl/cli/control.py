@@ -37,6 +37,7 @@ from typing import Any
 
 import click
 
+from .complete import remote_arguments, remote_command_names
 from .context import CliContext
 from .inspect import (Arg, RemoteCommand, bad_value, check_options, commands_help, finish,
                       lookup, print_command_list, remote_options, to_count, to_float)
@@ -185,8 +186,10 @@ CONTROL_COMMANDS: dict[str, RemoteCommand] = {c.name: c for c in (
     "Tell the running workers to change something; print each node's answer.\n\n"
     "Every node obeys, or only those named by -d. Exits 1 when a node answered with an error "
     "or a named node did not answer, 69 when no node answered.", CONTROL_COMMANDS))
-@click.argument("command", required=False, metavar="COMMAND")
-@click.argument("arguments", nargs=-1, metavar="[ARGS]...")
+@click.argument("command", required=False, metavar="COMMAND",
+                shell_complete=remote_command_names(CONTROL_COMMANDS))
+@click.argument("arguments", nargs=-1, metavar="[ARGS]...",
+                shell_complete=remote_arguments(CONTROL_COMMANDS))
 @remote_options
 @click.option("--terminate", is_flag=True,
               help="revoke: also terminate the tasks if they are running.")

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 import click
 
 from . import exitcodes
+from .complete import node_names, remote_command_names
 from .context import CliContext, CliError
 from .output import _json_default, to_json
 from .params import CommaList
@@ -210,7 +211,7 @@ def remote_options(function: Callable[..., Any]) -> Callable[..., Any]:
         help="How long to wait for replies (less when every expected node has answered).")(
         function)
     function = click.option(
-        "-d", "--destination", type=CommaList(), metavar="NODE1,NODE2",
+        "-d", "--destination", type=CommaList(), metavar="NODE1,NODE2", shell_complete=node_names,
         help="Only these nodes (comma-separated names like w1@host); default: all.")(function)
     return function
 
@@ -496,7 +497,8 @@ INSPECT_COMMANDS: dict[str, RemoteCommand] = _table(
     "Ask the running workers something; print each node's reply.\n\n"
     "Every node answers, or only those named by -d. Exits 69 when no node replied, 1 when a "
     "node replied with an error or a named node did not reply.", INSPECT_COMMANDS))
-@click.argument("command", required=False, metavar="COMMAND")
+@click.argument("command", required=False, metavar="COMMAND",
+                shell_complete=remote_command_names(INSPECT_COMMANDS))
 @click.argument("arguments", nargs=-1, metavar="[ARGS]...")
 @remote_options
 @click.option("--with-defaults", is_flag=True,
