@@ -1,8 +1,8 @@
 """The sd_notify(3) protocol: tell the service manager that the node is ready, stopping or alive.
 
 One ``KEY=VALUE`` line per field, sent as a single datagram to the ``AF_UNIX`` socket named by
-``$NOTIFY_SOCKET``. No dependency on libsystemd; nothing here is systemd-specific beyond the
-protocol, so any supervisor that speaks it (s6, runit adapters, test harnesses) works too.
+``$NOTIFY_SOCKET``. No dependency on libsystemd: any supervisor that implements the protocol
+(systemd for ``Type=notify`` units, container runtimes, test harnesses) can listen.
 """
 from __future__ import annotations
 
