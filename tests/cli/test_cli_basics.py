@@ -454,8 +454,10 @@ def fake_worker(monkeypatch):
         def run(self):
             return 0
 
+    from qctl_worker.worker import expand_hostname
     module = types.ModuleType("qctl_worker.worker")
     module.Worker = Worker
+    module.expand_hostname = expand_hostname
     monkeypatch.setitem(sys.modules, "qctl_worker.worker", module)
     return calls
 
@@ -470,12 +472,14 @@ def test_worker_options_are_converted(runner, url, fake_worker):
     assert result.exit_code == 0, result.output
     [(app, kwargs)] = fake_worker
     assert app.conf.broker_url == url
+    from qctl_worker.worker import expand_hostname
     assert kwargs == dict(
-        hostname="w1@%h", concurrency=3, pool="threads", queues=["a", "b"],
+        hostname=expand_hostname("w1@%h"), concurrency=3, pool="threads", queues=["a", "b"],
         exclude_queues=["c"], loglevel="INFO", logfile="w.log", pidfile="w.pid", events=True,
         beat=True, prefetch_multiplier=2, max_tasks_per_child=10, max_memory_per_child=2048,
         time_limit=30.0, soft_time_limit=20.0, autoscale=(10, 3), without_heartbeat=True,
-        statedb="w.db", shutdown_timeout=5.0, no_color=True, quiet=True)
+        statedb="w.db", shutdown_timeout=5.0, no_color=True, quiet=True, detached=False,
+        on_ready=None, restart_command=None)
 
 
 def test_worker_defaults(runner, url, fake_worker):
@@ -487,11 +491,11 @@ def test_worker_defaults(runner, url, fake_worker):
 
 
 @pytest.mark.parametrize("args, code, message", [
-    (["--detach"], exitcodes.USAGE, "Error: --detach is not supported yet"),
-    (["--uid", "nobody"], exitcodes.USAGE, "Error: --uid is not supported yet"),
-    (["--check"], exitcodes.SOFTWARE, "Error: --check is not implemented yet"),
+    (["--umask", "9x"], exitcodes.USAGE, "Error: --umask '9x' is not an octal number such as 022"),
+    (["--uid", "no-such-user-qctl"], exitcodes.USAGE, "Error: --uid: no such user 'no-such-user-qctl'"),
+    (["--gid", "no-such-group-qctl"], exitcodes.USAGE, "Error: --gid: no such group 'no-such-group-qctl'"),
 ])
-def test_worker_unsupported_options(runner, url, fake_worker, args, code, message):
+def test_worker_unusable_daemon_options(runner, url, fake_worker, args, code, message):
     result = runner.invoke(main, ["-b", url, "worker", *args])
     assert result.exit_code == code and result.stderr.strip() == message
     assert fake_worker == []
