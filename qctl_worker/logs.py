@@ -121,20 +121,27 @@ def format_stacks(process_name: str) -> str:
 
 
 def write_stacks_raw(process_name: str) -> None:
-    """Write this process's stacks straight to the log file descriptor, bypassing logging's
-    locks: safe inside a signal handler that may have interrupted a log call."""
-    fd = 2
-    for handler in logging.getLogger().handlers:
-        stream = getattr(handler, "stream", None)
-        if stream is not None:
-            try:
-                fd = stream.fileno()
-                break
-            except (OSError, ValueError):
-                continue
+    """Write this process's stacks straight to its log file, bypassing logging's locks: safe
+    inside a signal handler that may have interrupted a log call. A log file rotated away
+    since the last line is not written to: the path is opened afresh."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    text = f"[{stamp},000: WARNING/{process_name}] {format_stacks(process_name)}\n"
+    data = f"[{stamp},000: WARNING/{process_name}] {format_stacks(process_name)}\n".encode(
+        "utf-8", "replace")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, SafeFileHandler):
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+            try:
+                fd = os.open(handler.baseFilename, flags, 0o640)
+            except OSError:
+                break
+            try:
+                os.write(fd, data)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            return
     try:
-        os.write(fd, text.encode("utf-8", "replace"))
+        os.write(2, data)
     except OSError:
         pass

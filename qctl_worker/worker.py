@@ -105,15 +105,16 @@ class Worker:
 
     def run(self) -> int:
         """Start, wait for a stop signal, stop. Returns the process exit code."""
-        logs.setup(self.loglevel, self.logfile, no_color=self.no_color)
         pidfile = Pidfile(self.pidfile) if self.pidfile else None
         try:
             if pidfile is not None:
                 pidfile.acquire()                              # before anything else: one node
         except PidfileError as exc:
+            logs.setup(self.loglevel, None, no_color=self.no_color)  # not the running node's log
             logger.critical("Cannot start worker %s: %s", self.hostname, exc)
             self.start_error = str(exc)
             return EX_CANTCREAT
+        logs.setup(self.loglevel, self.logfile, no_color=self.no_color)
         self._install_signal_handlers()                        # a TERM during start is a stop
         try:
             self.start()
@@ -291,6 +292,10 @@ class Worker:
         logger.info("worker: Re-executing %s", " ".join(argv))
         logging.shutdown()
         os.environ["QCTL_DETACHED_REEXEC"] = "1"
+        # An ignored signal stays ignored across exec: another HUP (or USR1) arriving before
+        # the new image installs its handlers must not kill the node with the default action.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         try:
             os.chdir(cwd)
         except OSError:
