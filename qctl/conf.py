@@ -76,6 +76,8 @@ DEFAULTS: dict[str, Any] = {
     "beat_schedule": {},
     "beat_schedule_filename": "qctl-beat-schedule",
     "beat_max_loop_interval": 300,
+    "beat_lease_name": "qctl.beat",
+    "beat_lease_ttl": 6.0,
     "control_exchange": "celery",
     "event_exchange": "celeryev",
     "event_queue_prefix": "celeryev",

@@ -1,12 +1,14 @@
 """The worker node. ``Worker.run()`` is the map of the node: start order, wait, stop order.
 
-    start: logging -> app -> broker -> queues -> state db -> pool -> consumer (last) -> ready
+    start: logging -> app -> broker -> queues -> state db -> pool -> consumer -> beat (-B)
+           -> remote control -> ready
     signals: TERM warm stop, INT warm then cold, QUIT cold, USR1 stack dump (main process and
            every pool child), HUP reopen log files and, when detached, restart in place
-    warm stop (TERM, INT): stop fetching -> give back messages not running -> let running
-           tasks finish (up to --shutdown-timeout) -> flush results and acks -> pool -> state db
-    cold stop (QUIT, second INT, or the timeout): stop fetching -> kill the pool -> give back
-           every message still leased -> state db
+    warm stop (TERM, INT): beat gives its lead up -> leave the fleet -> stop fetching -> give
+           back messages not running -> let running tasks finish (up to --shutdown-timeout)
+           -> flush results and acks -> pool -> state db
+    cold stop (QUIT, second INT, or the timeout): the same, but the pool is killed at once and
+           every message still leased is given back
 """
 from __future__ import annotations
 
@@ -69,6 +71,8 @@ class Worker:
         self.loglevel, self.logfile, self.pidfile = loglevel, logfile, pidfile
         self.events = bool(events or conf.worker_send_task_events)
         self.beat = beat
+        self.schedule_file = extra.get("schedule_file")
+        self.embedded_beat: Any = None
         self.prefetch_multiplier = prefetch_multiplier or conf.worker_prefetch_multiplier or 4
         self.max_tasks_per_child = max_tasks_per_child or conf.worker_max_tasks_per_child
         self.max_memory_per_child = max_memory_per_child or conf.worker_max_memory_per_child
@@ -158,6 +162,10 @@ class Worker:
         if self.autoscale:
             self.autoscaler = Autoscaler(self, *self.autoscale)
             self.consumer.call_every(1.0, self.autoscaler.tick)
+        if self.beat:                                          # -B: beat in a thread here
+            from .beat_service import EmbeddedBeat
+            self.embedded_beat = EmbeddedBeat(self.app, schedule_file=self.schedule_file)
+            self.embedded_beat.start()
         self.remote = RemoteControl(self)
         self.remote.start()                                    # answers inspect/control: last
         # Shown at any log level, as Celery prints it: scripts and operators wait for it.
@@ -180,6 +188,8 @@ class Worker:
             self.notifier.stopping(f"{self.hostname}: {'cold' if cold else 'warm'} shutdown")
         app_signals.worker_shutting_down.send(sender=self.hostname, sig=None, how="cold" if cold else "warm")
         consumer, pool = self.consumer, self.pool
+        if self.embedded_beat is not None:
+            self.embedded_beat.stop()                          # the lead passes to a standby
         if self.remote is not None:
             self.remote.stop()                                 # 0. leave the fleet (worker-offline)
         if consumer is not None:

@@ -26,6 +26,7 @@ __all__ = ["main", "cli", "CliContext", "CliError", "COMMANDS"]
 #: Subcommand name -> ``module:attribute``. Later commands (inspect, control, status, multi,
 #: beat, events, completion) are added here and nowhere else.
 COMMANDS: dict[str, str] = {
+    "beat": "qctl.cli.beat:beat",
     "call": "qctl.cli.call:call",
     "completion": "qctl.cli.completion:completion",
     "control": "qctl.cli.control:control",

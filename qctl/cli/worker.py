@@ -37,7 +37,10 @@ LOGLEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 @click.option("--pidfile", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the main process id here (removed on clean exit).")
 @click.option("-E", "--task-events", is_flag=True, help="Send task events (for monitors).")
-@click.option("-B", "--beat", is_flag=True, help="Also run the beat scheduler in this worker.")
+@click.option("-B", "--beat", is_flag=True,
+              help="Also run beat in this worker (one sender per broker: other beats stand by).")
+@click.option("-s", "--schedule-filename", "schedule_file", metavar="FILE",
+              help="With -B: beat's last-run state file (default: qctl-beat-schedule).")
 @click.option("--prefetch-multiplier", type=click.IntRange(min=1), metavar="N",
               help="Reserve up to N messages per pool slot.")
 @click.option("--max-tasks-per-child", type=click.IntRange(min=1), metavar="N",
@@ -71,7 +74,7 @@ LOGLEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 def worker(ctx: click.Context, hostname: str | None, concurrency: int | None, pool: str | None,
            queues: list[str] | None, exclude_queues: list[str] | None, loglevel: str,
            logfile: str | None, pidfile: str | None, task_events: bool, beat: bool,
-           prefetch_multiplier: int | None, max_tasks_per_child: int | None,
+           schedule_file: str | None, prefetch_multiplier: int | None, max_tasks_per_child: int | None,
            max_memory_per_child: int | None, time_limit: float | None,
            soft_time_limit: float | None, autoscale: tuple[int, int] | None,
            without_heartbeat: bool, statedb: str | None, shutdown_timeout: float | None,
@@ -138,6 +141,7 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int | None, po
         shutdown_timeout=shutdown_timeout, no_color=obj.no_color, quiet=obj.quiet,
         detached=detach, on_ready=ready.ready if ready is not None else None,
         restart_command=(start_cwd, sys.argv[1:]) if detach else None,
+        **({"schedule_file": schedule_file} if schedule_file else {}),
     )
     code = node.run()
     if ready is not None and code != 0:

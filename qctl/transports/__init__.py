@@ -13,6 +13,8 @@ not be used by the child: create a new one (``App`` does this for you).
 from __future__ import annotations
 
 import importlib
+import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -234,6 +236,45 @@ class Transport:
         control client then waits for its timeout, as Celery always does)."""
         return None
 
+    # -- leader leases and fenced state (the periodic-task scheduler) ----------------------
+    #
+    # Several schedulers may run against one broker; only the holder of a named lease sends.
+    # The holder writes its state (what it is about to send) with ``save_state`` before it
+    # sends, and the write is refused once the lease is lost, so a new holder never repeats
+    # what an old one sent. Owners are names chosen by the caller (host, pid and a random
+    # part), compared exactly; each owner uses one transport object (on AMQP a lease belongs
+    # to the connection of the object that took it).
+
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew the lease ``name`` for ``owner`` for ``ttl`` seconds. True when
+        ``owner`` holds it afterwards; False when another live owner holds it. Never blocks
+        longer than a broker round trip (plus a connect the first time). A lease whose holder
+        did not renew within its ttl is free. Renewing extends from now. ``ttl`` must be > 0."""
+        raise NotImplementedError
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up if ``owner`` holds it (a clean stop: a standby takes over at
+        once). Does nothing when ``owner`` does not hold it."""
+        raise NotImplementedError
+
+    def lease_holder(self, name: str) -> str | None:
+        """Who holds the lease now (None: nobody): for logs and listings, not for decisions
+        (it may change right after the answer)."""
+        raise NotImplementedError
+
+    def load_state(self, name: str) -> dict | None:
+        """The JSON-able dict last stored by ``save_state`` under ``name``, or None."""
+        raise NotImplementedError
+
+    def save_state(self, name: str, owner: str, state: dict) -> bool:
+        """Store ``state`` (a JSON-able dict) under ``name`` only if ``owner`` holds the lease
+        ``name`` right now, checked atomically with the write where the broker allows: a
+        holder that lost its lease must not overwrite the new holder's state. False when not
+        stored because the lease is not held. Durable when it returns True (committed,
+        acknowledged by the broker). Raises ``OperationalError`` when the broker cannot be
+        reached, ``TypeError``/``ValueError`` when ``state`` is not a JSON-able dict."""
+        raise NotImplementedError
+
     # -- life cycle -----------------------------------------------------------------------
 
     def ping(self) -> None:
@@ -290,3 +331,34 @@ def by_url(url: str, options: dict[str, Any] | None = None) -> Transport:
 
 def now() -> float:
     return time.time()
+
+
+def check_lease_ttl(ttl: float) -> float:
+    """``ttl`` as a float; ``ValueError`` unless it is a positive number of seconds."""
+    value = float(ttl)
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"lease ttl must be a positive number of seconds, not {ttl!r}")
+    return value
+
+
+def state_text(state: dict) -> str:
+    """``state`` as the JSON text transports store; ``TypeError`` unless it is a JSON-able dict."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, not {type(state).__name__}")
+    return json.dumps(state, sort_keys=True, allow_nan=False)
+
+
+def state_from_text(text: str | bytes | None) -> dict | None:
+    """A stored state back as a dict; None for nothing stored or text that is not a JSON object."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError):
+        value = None
+    if not isinstance(value, dict):
+        # A scheduler that cannot start is worse than one starting without its history.
+        logging.getLogger(__name__).warning(
+            "stored scheduler state is not a JSON object; ignored: %.200r", text)
+        return None
+    return value

@@ -52,6 +52,9 @@ Celery's exchanges and queues exactly (fanout ``celery.pidbox``, topic ``celerye
 ``<oid>.reply.celery.pidbox``) and explains why ``live_nodes()`` is None on RabbitMQ. A client
 opens its mailbox (``open_mailbox``) before it asks: Celery workers reply without ``mandatory``.
 After ``os.fork()`` the child opens its own connections, never the parent's.
+
+**Scheduler leases and state**: exclusive queues ``qctl.lease.<name>`` on connections of their
+own, state in durable queues ``qctl.state.<name>``; ``qctl.transports.amqp_leases`` explains.
 """
 from __future__ import annotations
 
@@ -75,6 +78,7 @@ from .amqp_consume import Consumer, Tag, _Held, _Op  # noqa: F401 - re-exported
 from .amqp_dead import DEAD_QUEUE, DeadLetters  # noqa: F401 - re-exported
 from .amqp_delay import (  # noqa: F401 - re-exported
     DELAY_EXCHANGE, DELAY_QUEUE, DELIVERY_EXCHANGE, LEVELS, MAX_DELAY_MS, DelayQueues, _delayable)
+from .amqp_leases import AmqpLeases
 from .amqp_pidbox import AmqpSubscription, Pidbox  # noqa: F401 - re-exported
 
 
@@ -90,7 +94,7 @@ def _pump(ref: Any, stop: threading.Event) -> None:
         del transport
 
 
-class AmqpTransport(Consumer, DelayQueues, DeadLetters, Pidbox, Transport):
+class AmqpTransport(Consumer, DelayQueues, DeadLetters, Pidbox, AmqpLeases, Transport):
     """RabbitMQ through pika; the module docstring has the layout and the guarantees."""
 
     supports_delayed_delivery = True
@@ -124,13 +128,15 @@ class AmqpTransport(Consumer, DelayQueues, DeadLetters, Pidbox, Transport):
         self._ops: list[_Op] = []
         self._ops_lock = threading.Lock()
         self._reset_pidbox()
+        self._reset_leases()
         self._subscriptions: weakref.WeakSet = weakref.WeakSet()
         self._pump_stop: threading.Event | None = None
         self._backoff = 0.1
 
     def _check_pid(self) -> None:
         if os.getpid() != self._pid:   # forked: the parent's sockets are not ours to use or close
-            _INHERITED.extend([*self._pubs.values(), self._consumer, self._mailbox])
+            _INHERITED.extend([*self._pubs.values(), self._consumer, self._mailbox,
+                               *self._lease_links()])
             self._reset()
 
     def _connect(self, confirm: bool, lock: Any = None) -> Link:
@@ -142,11 +148,14 @@ class AmqpTransport(Consumer, DelayQueues, DeadLetters, Pidbox, Transport):
             if conn is not None and conn.is_open:
                 conn.close()
             raise OperationalError(describe(self.url, exc, "connect to")) from None
+        self._start_pump()
+        return link
+
+    def _start_pump(self) -> None:
         if self._pump_stop is None:
             self._pump_stop = threading.Event()
             threading.Thread(target=_pump, args=(weakref.ref(self), self._pump_stop),
                              name="qctl-amqp-pump", daemon=True).start()
-        return link
 
     def _reconnect(self, timeout: float, lock: Any = None) -> Link:
         """Connect for a reader; on failure sleep a growing back-off first, so that a caller
@@ -191,6 +200,7 @@ class AmqpTransport(Consumer, DelayQueues, DeadLetters, Pidbox, Transport):
                     pass
                 finally:
                     link.lock.release()
+        self._service_leases()
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -334,5 +344,6 @@ class AmqpTransport(Consumer, DelayQueues, DeadLetters, Pidbox, Transport):
         for link in pubs:
             self._close_link(link)
         self._close_mailboxes()
+        self._close_leases()
         for sub in list(self._subscriptions):
             sub.close()

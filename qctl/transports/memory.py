@@ -1,8 +1,8 @@
 """An in-process broker (``memory://``) for tests and single-process use.
 
 Transport objects created with the same URL in one process share their queues, broadcast
-exchanges, reply mailboxes and live-node registry. Nothing crosses process boundaries; a
-forked child sees a frozen copy and must not rely on it.
+exchanges, reply mailboxes, live-node registry, and scheduler leases and state. Nothing
+crosses process boundaries; a forked child sees a frozen copy and must not rely on it.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from typing import Any, Iterable, Sequence
 from uuid import uuid4
 
 from ..routing import topic_matches
-from . import ControlMessage, DeadLetter, Delivery, Envelope, Subscription, Transport
+from . import (ControlMessage, DeadLetter, Delivery, Envelope, Subscription, Transport,
+               check_lease_ttl, state_from_text, state_text)
 
 
 class _Message:
@@ -45,6 +46,8 @@ class _Broker:
         self.subscribers: dict[str, set[MemorySubscription]] = {}   # exchange -> subscribers
         self.mailboxes: dict[str, list[tuple[float, ControlMessage]]] = {}  # open ones only
         self.nodes: dict[str, float] = {}                    # nodename -> expires (wall time)
+        self.leases: dict[str, tuple[str, float]] = {}       # name -> (owner, expires: monotonic)
+        self.states: dict[str, str] = {}                     # name -> JSON text
 
 
 _BROKERS: dict[str, _Broker] = {}
@@ -352,3 +355,48 @@ class MemoryTransport(Transport):
             for gone in [n for n, expires in nodes.items() if expires <= now]:
                 del nodes[gone]
             return set(nodes)
+
+    # -- leader leases and fenced state -----------------------------------------------------
+
+    def _holder(self, name: str) -> str | None:
+        held = self._broker.leases.get(name)
+        if held is not None and held[1] > time.monotonic():
+            return held[0]
+        return None
+
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Take the lease when free, expired or ours; expiry on the monotonic clock."""
+        ttl = check_lease_ttl(ttl)
+        with self._broker.cond:
+            holder = self._holder(name)
+            if holder is not None and holder != owner:
+                return False
+            self._broker.leases[name] = (owner, time.monotonic() + ttl)
+            return True
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Drop the lease if ``owner`` holds it."""
+        with self._broker.cond:
+            if self._holder(name) == owner:
+                del self._broker.leases[name]
+
+    def lease_holder(self, name: str) -> str | None:
+        """The owner of the unexpired lease ``name``."""
+        with self._broker.cond:
+            return self._holder(name)
+
+    def load_state(self, name: str) -> dict | None:
+        """A fresh copy of the stored state."""
+        with self._broker.cond:
+            text = self._broker.states.get(name)
+        return state_from_text(text)
+
+    def save_state(self, name: str, owner: str, state: dict) -> bool:
+        """Store a copy (as JSON text, as the other brokers do) under the same lock that
+        guards the lease."""
+        text = state_text(state)
+        with self._broker.cond:
+            if self._holder(name) != owner:
+                return False
+            self._broker.states[name] = text
+            return True

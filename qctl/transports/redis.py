@@ -18,6 +18,7 @@ way round. Keys (in the URL's db, no prefix)::
     _kombu.binding_deadlines             zset (kombu 5.7) exchange -> binding sweep deadline (ms)
     <oid>.reply.celery.pidbox            list (kombu): control replies for client <oid>
     qctl.nodes                           zset nodename -> expiry (server time): live workers
+    qctl.lease.<name>, qctl.state.<name> scheduler leases and their state (``redis_leases``)
 
 Remote control and events, as kombu 5.7 and Celery put them on Redis (``celery-wire.md`` §2.7,
 §2.8, §3, §6.1): every message is a kombu envelope (as on a queue; delivery_mode 2 for pidbox
@@ -89,6 +90,7 @@ from .redis_envelope import (  # noqa: F401
     decode_envelope, encode_control, encode_envelope, fanout_topic, is_pidbox, list_key, one_line,
     subscribe_globs)
 from .redis_scripts import FETCH, _PRELUDE, _SCRIPTS  # noqa: F401
+from .redis_leases import LEASE_SCRIPTS, RedisLeases
 
 _RESTORE_EVERY = 1.0      # seconds between expired-lease sweeps by one fetching object
 _BATCH = 1000             # leases restored / renewed per script run (bounds its run time)
@@ -297,7 +299,7 @@ class _Waiter:
 
 # -- the transport --------------------------------------------------------------------------
 
-class RedisTransport(Transport):
+class RedisTransport(RedisLeases, Transport):
     """kombu's Redis layout with atomic leased fetches, broker-side ETAs and dead letters."""
 
     supports_delayed_delivery = True
@@ -343,7 +345,7 @@ class RedisTransport(Transport):
                     client = connect(self.url, self.options)
                     self.db = int(client.connection_pool.connection_kwargs.get("db") or 0)
                     self._scripts = {name: (hashlib.sha1(text.encode()).hexdigest(), text)
-                                     for name, text in _SCRIPTS.items()}
+                                     for name, text in {**_SCRIPTS, **LEASE_SCRIPTS}.items()}
                     self._client = client
         return self._client
 

@@ -37,6 +37,9 @@ Schema (created ``IF NOT EXISTS`` on first connect)::
         routing_key TEXT NOT NULL DEFAULT '', headers TEXT, body BLOB, expires REAL);
     CREATE INDEX control_replies_mailbox ON control_replies (mailbox, id);
     CREATE TABLE nodes (name TEXT PRIMARY KEY, expires REAL);   -- the live-node registry
+    -- scheduler leases and their fenced state: see qctl.transports.sqlite_leases
+    CREATE TABLE qctl_leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL);
+    CREATE TABLE qctl_state (name TEXT PRIMARY KEY, data TEXT NOT NULL, updated_at REAL NOT NULL);
 
 ``headers`` columns hold JSON objects. Files of older versions also have tables ``broadcasts``
 and ``replies`` (bytes only): no longer used, and left for older processes still on the file.
@@ -60,6 +63,7 @@ from uuid import uuid4
 from ..exceptions import ImproperlyConfigured, OperationalError
 from ..routing import topic_matches
 from . import ControlMessage, DeadLetter, Delivery, Envelope, Subscription, Transport
+from .sqlite_leases import LEASE_SCHEMA, SqliteLeases
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -85,7 +89,7 @@ CREATE TABLE IF NOT EXISTS control_replies (id INTEGER PRIMARY KEY AUTOINCREMENT
     routing_key TEXT NOT NULL DEFAULT '', headers TEXT, body BLOB, expires REAL);
 CREATE INDEX IF NOT EXISTS control_replies_mailbox ON control_replies (mailbox, id);
 CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, expires REAL);
-"""
+""" + LEASE_SCHEMA
 
 DEFAULT_FILE = "qctl.sqlite3"
 _SYNCHRONOUS = {"OFF", "NORMAL", "FULL", "EXTRA", "0", "1", "2", "3"}
@@ -402,7 +406,7 @@ class SqliteSubscription(Subscription):
         self._closed = True
 
 
-class SqliteTransport(Transport):
+class SqliteTransport(SqliteLeases, Transport):
     """Queues, leases, dead letters, broadcasts and reply mailboxes in one SQLite file."""
 
     supports_delayed_delivery = True

@@ -305,3 +305,27 @@ def third_add(self, x, y):
 def prio(self, label):
     record("prio", self.request.id, label=label)
     return label
+
+
+# -- periodic tasks (beat) -------------------------------------------------------------------
+# PROJ_BEAT='{"every-second": 1.0, "nightly": {"crontab": {"minute": "0", "hour": "3"}}}'
+# gives beat entries that send proj.tick(name); a number is seconds.
+
+def _beat_schedule(text: str) -> dict:
+    from qctl.schedules import crontab
+    entries = {}
+    for name, spec in json.loads(text).items():
+        sched = crontab(**spec["crontab"]) if isinstance(spec, dict) else float(spec)
+        entries[name] = {"task": "proj.tick", "schedule": sched, "args": (name,)}
+    return entries
+
+
+if os.environ.get("PROJ_BEAT"):
+    app.conf.beat_schedule = _beat_schedule(os.environ["PROJ_BEAT"])
+
+
+@app.task(bind=True)
+def tick(self, name):
+    """One beat tick: the task id is the tick's id (entry, scheduled time)."""
+    record("tick", self.request.id, entry=name)
+    return name
