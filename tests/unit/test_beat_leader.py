@@ -101,3 +101,36 @@ def test_a_leader_that_lost_its_lease_sends_nothing(broker_url, tmp_path):
         assert not old.leader and old.sent == before
     for app in (old_app, new_app):
         app.close()
+
+
+def test_add_periodic_task_entries_are_sent_like_any_task(tmp_path):
+    """Entries from on_after_configure + add_periodic_task, with routing and options."""
+    from qctl_worker.beat import Beat
+    url = f"memory://periodic-{uuid.uuid4().hex[:6]}"
+    app = App("periodic", broker=url, backend="memory://", set_as_current=False)
+
+    @app.task
+    def ping(word):
+        return word
+
+    @app.on_after_configure.connect
+    def setup(sender, **kwargs):
+        sender.add_periodic_task(0.2, ping.s("hello"), name="ping-often",
+                                 queue="other", priority=7, expires=60)
+
+    app.finalize()
+    beat = Beat(app, schedule_file=str(tmp_path / "s.json"), max_interval=0.1)
+    assert set(beat.entries) == {"ping-often"}
+    thread = threading.Thread(target=beat.run_forever, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: beat.sent >= 2, 10)
+    finally:
+        beat.stop()
+        thread.join(10)
+    batch = app.transport.fetch(["other"], 10, 1.0)
+    assert len(batch) >= 2
+    headers = batch[0].envelope.headers
+    assert headers["task"] == ping.name and headers["argsrepr"] == "('hello',)"
+    assert headers["expires"] is not None
+    assert app.transport.queue_size("celery") == 0
