@@ -154,7 +154,7 @@ class Tracer:
         follow_ups = bool(request.callbacks or request.chain or request.chord)
         if follow_ups and not request.is_eager:
             # Sent first, as Celery does, so the stored result lists them as children.
-            from .canvas import send_follow_ups
+            from .followups import send_follow_ups
             send_follow_ups(task, request, value)
         meta = None if ignore else self._meta(states.SUCCESS, value, None, True)
         try:
@@ -220,7 +220,7 @@ class Tracer:
                                   "exc_module": "builtins"}
                 encoded = self._finish_meta(meta)
             if request.errbacks or request.chord:
-                from .canvas import send_errbacks
+                from .followups import send_errbacks
                 send_errbacks(task, request, exc, text)
         einfo = ExceptionInfo(exc, text)
         task.on_failure(exc, request.id, tuple(request.args), request.kwargs or {}, einfo)
