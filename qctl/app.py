@@ -109,6 +109,7 @@ class App:
         if self._finalized:
             return
         self._finalized = True
+        importlib.import_module("qctl.canvas_group").register_builtins(self)
         for module in list(self.conf.include or []) + list(self.conf.imports or []):
             importlib.import_module(module)
         self.on_after_configure.send(sender=self, source=self.conf)

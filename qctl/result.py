@@ -58,8 +58,15 @@ def meta_to_exception(value: Any) -> BaseException:
         return exc
 
 
+#: How often (seconds) ``get()`` on a workflow step looks at the steps before it.
+PARENT_CHECK_INTERVAL = 1.0
+
+
 class ResultBase:
     parent: "ResultBase | None" = None
+
+    def as_tuple(self) -> list:
+        raise NotImplementedError
 
 
 class AsyncResult(ResultBase):
@@ -146,11 +153,43 @@ class AsyncResult(ResultBase):
     def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5,
             no_ack: bool = True, follow_parents: bool = True, disable_sync_subtasks: bool = True,
             on_message: Callable[[dict], Any] | None = None, on_interval: Any = None) -> Any:
-        """Wait for the task to finish and return its value (raise its exception)."""
+        """Wait for the task to finish and return its value (raise its exception).
+
+        With ``follow_parents`` (and ``propagate``), a task of a workflow whose earlier step
+        failed -- so that this one will never run -- raises that step's error instead of
+        waiting for ``timeout``."""
         if self._cache is None:
-            self._cache = self.backend.wait_for(self.id, timeout=timeout, interval=interval,
-                                                on_message=on_message)
+            if follow_parents and propagate and self.parent is not None:
+                self._cache = self._wait_watching_parents(timeout, interval, on_message)
+            else:
+                self._cache = self.backend.wait_for(self.id, timeout=timeout, interval=interval,
+                                                    on_message=on_message)
         return self._value(propagate)
+
+    def _wait_watching_parents(self, timeout: float | None, interval: float,
+                               on_message: Callable[[dict], Any] | None) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._raise_failed_parent()
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            step = PARENT_CHECK_INTERVAL if remaining is None else min(PARENT_CHECK_INTERVAL, remaining)
+            try:
+                return self.backend.wait_for(self.id, timeout=step, interval=interval,
+                                             on_message=on_message)
+            except TimeoutError:
+                if remaining is not None and remaining <= step:
+                    raise
+
+    def _raise_failed_parent(self) -> None:
+        """Raise the error of the nearest failed step before this one, if any (a chord's
+        header is not inspected: its failure reaches the body as a ``ChordError``)."""
+        node = self.parent
+        while node is not None:
+            if isinstance(node, AsyncResult):
+                meta = node._get_meta()
+                if meta["status"] in states.PROPAGATE_STATES:
+                    node._value(True)
+            node = node.parent
 
     wait = get
 
@@ -176,7 +215,8 @@ class AsyncResult(ResultBase):
                                        reply=wait, timeout=timeout)
 
     def as_tuple(self) -> list:
-        parent = self.parent.as_tuple() if isinstance(self.parent, AsyncResult) else None
+        """``[[id, parent_tuple_or_None], None]``, Celery's form (e.g. in ``children``)."""
+        parent = self.parent.as_tuple() if self.parent is not None else None
         return [[self.id, parent], None]
 
 
@@ -236,7 +276,15 @@ class GroupResult(ResultBase):
         self.app = app
 
     def __repr__(self) -> str:
-        return f"<GroupResult: {self.id} [{', '.join(r.id for r in self.results)}]>"
+        return f"<GroupResult: {self.id} [{', '.join(str(r.id) for r in self.results)}]>"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, GroupResult):
+            return other.id == self.id and other.results == self.results
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.id)
 
     def __len__(self) -> int:
         return len(self.results)
@@ -264,10 +312,17 @@ class GroupResult(ResultBase):
         return not self.ready()
 
     def completed_count(self) -> int:
+        """How many members succeeded."""
         return sum(1 for r in self.results if r.successful())
+
+    @property
+    def supports_native_join(self) -> bool:
+        return False
 
     def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5,
             **kwargs: Any) -> list[Any]:
+        """The members' values in member order; ``timeout`` is for the whole group. With
+        ``propagate`` the first failure found (in order) is raised."""
         return self.join(timeout=timeout, propagate=propagate, interval=interval)
 
     def join(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5,
@@ -281,18 +336,28 @@ class GroupResult(ResultBase):
             values.append(result.get(timeout=remaining, propagate=propagate, interval=interval))
         return values
 
+    join_native = join
+
     def forget(self) -> None:
         for result in self.results:
             result.forget()
 
-    def revoke(self, terminate: bool = False, signal: str = "SIGTERM", **kwargs: Any) -> None:
-        self.app.control.revoke([r.id for r in self.results], terminate=terminate, signal=signal)
+    def revoke(self, connection: Any = None, terminate: bool = False, signal: str = "SIGTERM",
+               wait: bool = False, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Revoke every member (one broadcast)."""
+        ids = [leaf.id for leaf in _leaves(self)]
+        if not ids:
+            return None
+        return self.app.control.revoke(ids, terminate=terminate, signal=signal, reply=wait,
+                                       timeout=timeout)
 
     def as_tuple(self) -> list:
-        parent = self.parent.as_tuple() if self.parent is not None and hasattr(self.parent, "as_tuple") else None
+        """``[[group_id, parent_tuple_or_None], [member tuples]]``, Celery's form."""
+        parent = self.parent.as_tuple() if self.parent is not None else None
         return [[self.id, parent], [r.as_tuple() for r in self.results]]
 
     def save(self, backend: Any = None) -> "GroupResult":
+        """Store the group under ``celery-taskset-meta-<id>`` so ``restore(id)`` finds it."""
         backend = backend or self.app.backend
         backend.set_raw(f"celery-taskset-meta-{self.id}",
                         backend.encode({"result": self.as_tuple()}))
@@ -303,6 +368,7 @@ class GroupResult(ResultBase):
 
     @classmethod
     def restore(cls, id: str, backend: Any = None, app: Any = None) -> "GroupResult | None":
+        """The group saved under ``id`` (None if nothing was saved)."""
         if app is None:
             from .app import current_app
             app = current_app()
@@ -312,3 +378,10 @@ class GroupResult(ResultBase):
             return None
         from .canvas import result_from_tuple
         return result_from_tuple(backend.decode(data)["result"], app)
+
+
+def _leaves(result: Any) -> list[AsyncResult]:
+    members = getattr(result, "results", None)
+    if members is None:
+        return [result]
+    return [leaf for member in members for leaf in _leaves(member)]

@@ -310,27 +310,34 @@ class Task:
     # -- canvas ---------------------------------------------------------------------------
 
     def signature(self, args: Iterable[Any] | None = None, *starargs: Any, **starkwargs: Any) -> Any:
+        """``signature(args, kwargs, **options)``: this task's call, to be sent later."""
         from .canvas import signature
-        return signature(self.name, args, *starargs, app=self.app, **starkwargs)
+        starkwargs.setdefault("app", self.app)
+        return signature(self, args, *starargs, **starkwargs)
 
     subtask = signature
 
     def s(self, *args: Any, **kwargs: Any) -> Any:
+        """A signature with these (partial) arguments: ``add.s(2)``."""
         return self.signature(args, kwargs)
 
     def si(self, *args: Any, **kwargs: Any) -> Any:
+        """An immutable signature: arguments given when it is applied are ignored."""
         return self.signature(args, kwargs, immutable=True)
 
     def map(self, it: Iterable[Any]) -> Any:
-        from .canvas import xmap
+        """One ``celery.map`` task calling this task on each item of ``it``."""
+        from .canvas_group import xmap
         return xmap(self.s(), it, app=self.app)
 
     def starmap(self, it: Iterable[Any]) -> Any:
-        from .canvas import xstarmap
+        """One ``celery.starmap`` task calling this task with each item of ``it`` as args."""
+        from .canvas_group import xstarmap
         return xstarmap(self.s(), it, app=self.app)
 
     def chunks(self, it: Iterable[Any], n: int) -> Any:
-        from .canvas import chunks
+        """``it`` split into ``celery.starmap`` tasks of ``n`` items each (a group)."""
+        from .canvas_group import chunks
         return chunks(self.s(), it, n, app=self.app)
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:

@@ -137,30 +137,50 @@ class Tracer:
         meta["task_id"] = request.id
         return meta
 
-    def _finish_meta(self, meta: dict[str, Any] | None) -> bytes | None:
-        """Store ``meta`` now (eager runs) or encode it for the worker's main process."""
+    def _finish_meta(self, meta: dict[str, Any] | None, now: bool = False) -> bytes | None:
+        """Store ``meta`` now (eager runs; with ``now``, a chord header task's result, which
+        must be readable before the body can run) or encode it for the worker's main
+        process. Raises only when the meta cannot be encoded."""
         if meta is None:
             return None
         if self.store is not None:
             self.store(self.request.id, meta)
             return None
-        return self.task.app.backend.encode(meta)
+        backend = self.task.app.backend
+        encoded = backend.encode(meta)
+        if now and backend.persistent:
+            try:
+                backend.set(self.request.id, encoded, meta["status"])
+                return None
+            except Exception as exc:  # noqa: BLE001 - the main process stores it, retrying
+                logger.warning("Cannot store the result of %s before counting its chord part: "
+                               "%s", self.request.id, exc)
+        return encoded
+
+    def _chord_part(self, state: str, value: Any) -> None:
+        from .followups import on_chord_part_return
+        on_chord_part_return(self.task.app, self.request, state, value)
 
     def succeeded(self, value: Any) -> Outcome:
         task, request = self.task, self.request
         runtime = time.monotonic() - self.started
         self.value = value
         ignore = task.ignore_result or request.ignore_result
-        follow_ups = bool(request.callbacks or request.chain or request.chord)
-        if follow_ups and not request.is_eager:
+        chord = bool(request.chord) and not request.is_eager
+        if (request.callbacks or request.chain) and not request.is_eager:
             # Sent first, as Celery does, so the stored result lists them as children.
             from .followups import send_follow_ups
-            send_follow_ups(task, request, value)
+            try:
+                send_follow_ups(task, request, value)
+            except Exception as exc:  # e.g. the broker is down: the task fails, as in Celery
+                return self.failed(exc)
         meta = None if ignore else self._meta(states.SUCCESS, value, None, True)
         try:
-            encoded = self._finish_meta(meta)
+            encoded = self._finish_meta(meta, now=chord)
         except Exception as exc:  # e.g. the value cannot be serialized
             return self.failed(exc)
+        if chord:
+            self._chord_part(states.SUCCESS, value)
         task.on_success(value, request.id, tuple(request.args), request.kwargs or {})
         task.after_return(states.SUCCESS, value, request.id, tuple(request.args),
                           request.kwargs or {}, None)
@@ -213,13 +233,19 @@ class Tracer:
         meta = self._meta(states.FAILURE, exception_to_meta(exc), text, True) if store else None
         encoded = None
         if not request.is_eager:
+            chord = bool(request.chord)
+            exc_meta = exception_to_meta(exc)
             try:
-                encoded = self._finish_meta(meta)
+                encoded = self._finish_meta(meta, now=chord)
             except Exception:  # the exception's args do not serialize: store its repr
-                meta["result"] = {"exc_type": type(exc).__name__, "exc_message": [repr(exc)],
-                                  "exc_module": "builtins"}
-                encoded = self._finish_meta(meta)
-            if request.errbacks or request.chord:
+                exc_meta = {"exc_type": type(exc).__name__, "exc_message": [repr(exc)],
+                            "exc_module": "builtins"}
+                meta["result"] = exc_meta
+                encoded = self._finish_meta(meta, now=chord)
+            # Celery's order: the result, then the chord part, then the errbacks.
+            if chord:
+                self._chord_part(states.FAILURE, exc_meta)
+            if request.errbacks:
                 from .followups import send_errbacks
                 send_errbacks(task, request, exc, text)
         einfo = ExceptionInfo(exc, text)

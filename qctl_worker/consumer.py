@@ -22,6 +22,7 @@ from typing import Any, Callable
 from qctl import states
 from qctl.exceptions import (ContentDisallowed, DecodeError, InvalidTaskError, NotRegistered,
                              OperationalError, TaskRevokedError, TimeLimitExceeded, WorkerLostError)
+from qctl.followups import chord_part_from_message
 from qctl.protocol import read_headers
 from qctl.result import exception_to_meta
 from qctl.serialization import accepted_content_types
@@ -215,7 +216,8 @@ class Consumer:
         except NotRegistered:
             logger.error("Received unregistered task of type %r. The message is in the "
                          "dead-letter queue. [%s]", name, task_id)
-            self._store_exception(task_id, states.FAILURE, NotRegistered(name), headers)
+            self._store_exception(task_id, states.FAILURE, NotRegistered(name), headers,
+                                  envelope)
             self._dead_letter(delivery, f"unregistered task {name!r}", None, log=False)
             return
         if task_id in self.state.revoked:
@@ -275,7 +277,8 @@ class Consumer:
         if self.worker.events:
             self._event("task-revoked", uuid=headers["id"], terminated=False, signum=None,
                         expired=why == "expired")
-        self._store_exception(headers["id"], states.REVOKED, TaskRevokedError(why), headers)
+        self._store_exception(headers["id"], states.REVOKED, TaskRevokedError(why), headers,
+                              delivery.envelope)
         self._acks.append(delivery.tag)
         self._release_window()
 
@@ -413,11 +416,11 @@ class Consumer:
         elif state == states.REVOKED:
             logger.info("Task %s[%s] terminated (revoked)", name, job.task_id)
             self._store_exception(job.task_id, states.REVOKED, TaskRevokedError("terminated"),
-                                  job.headers)
+                                  job.headers, job)
         elif state == TIME_LIMIT:
             logger.error("Hard time limit (%ss) exceeded for %s[%s]", job.time_limit, name, job.task_id)
             self._store_exception(job.task_id, states.FAILURE,
-                                  TimeLimitExceeded(job.time_limit), job.headers)
+                                  TimeLimitExceeded(job.time_limit), job.headers, job)
         elif state == WORKER_LOST:
             self._worker_lost(job, outcome, task)
             return
@@ -441,7 +444,7 @@ class Consumer:
         logger.error("Task %s[%s] failed: the process running it exited (%s). The message is "
                      "in the dead-letter queue.", job.task_name, job.task_id, outcome.summary)
         self._store_exception(job.task_id, states.FAILURE, WorkerLostError(
-            f"Worker exited prematurely: {outcome.summary}."), job.headers)
+            f"Worker exited prematurely: {outcome.summary}."), job.headers, job)
         self._dead_letter(delivery, f"process died running the task: {outcome.summary}", job, log=False)
 
     # -- settling -------------------------------------------------------------------------
@@ -460,7 +463,10 @@ class Consumer:
         if job is None:
             self._release_window()
 
-    def _store_exception(self, task_id: str, state: str, exc: BaseException, headers: dict) -> None:
+    def _store_exception(self, task_id: str, state: str, exc: BaseException, headers: dict,
+                         source: Any = None) -> None:
+        """Store a final state the pool did not; ``source`` (the envelope or job) tells
+        whether the task was part of a chord, which then learns of its end."""
         meta = {"status": state, "result": exception_to_meta(exc), "traceback": None,
                 "children": [], "date_done": utcnow_iso()}
         if headers.get("group"):
@@ -469,6 +475,8 @@ class Consumer:
             meta["parent_id"] = headers["parent_id"]
         meta["task_id"] = task_id
         self._store_meta(task_id, meta)
+        if source is not None and headers.get("group"):
+            chord_part_from_message(self.app, headers, source, self.accept, state, exc)
 
     def _store_meta(self, task_id: str, meta: dict) -> None:
         try:

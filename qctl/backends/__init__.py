@@ -79,6 +79,46 @@ class ResultBackend:
     def close(self) -> None:
         """Release connections. Idempotent."""
 
+    # -- chords ---------------------------------------------------------------------------
+    #
+    # A chord's header tasks each report their final state here; the backend counts them
+    # atomically, so that exactly one worker -- the one whose part completes the header --
+    # sends the body. Values are stored encoded like results (``encode``/``decode``).
+
+    def chord_set_size(self, group_id: str, size: int) -> None:
+        """Start counting the chord of ``group_id``: ``size`` header tasks are coming.
+
+        Called by the client before it sends any header task. Calling it again for the same
+        group (the chord applied once more) makes a completed chord count anew."""
+        raise NotImplementedError(f"{type(self).__name__} cannot count chord parts")
+
+    def chord_part_return(self, group_id: str, task_id: str, index: int | None, state: str,
+                          value: Any) -> list[tuple[str, str, Any]] | None:
+        """Record that header task ``task_id`` (position ``index``) ended in ``state`` with
+        ``value`` (its return value, or the exception meta of a failure).
+
+        Atomic across threads, processes and hosts sharing the backend. A part is counted
+        once per ``task_id``, however often it is reported. Returns the parts of the whole
+        header as ``(task_id, state, value)`` ordered by index to the one caller whose part
+        completes the chord; None to everyone else, including late duplicates, parts of a
+        chord whose size was never set and parts of a chord already completed."""
+        raise NotImplementedError(f"{type(self).__name__} cannot count chord parts")
+
+    def chord_cleanup(self, group_id: str) -> None:
+        """Forget the parts of ``group_id`` once its body was dispatched (or its failure
+        stored). A part reported afterwards is still ignored for a while. Idempotent."""
+        raise NotImplementedError(f"{type(self).__name__} cannot count chord parts")
+
+    def chord_keys_expire(self) -> int:
+        """Seconds a chord's counters live without news: ``result_expires``, or a day."""
+        import math
+        return int(math.ceil(float(self.expires))) if self.expires else 86400
+
+    def encode_part(self, value: Any) -> bytes:
+        """A chord part's value encoded like a result, so whatever a task may return fits."""
+        from ..serialization import dumps
+        return dumps(value, self.serializer)[2]
+
     # -- built on the primitives ----------------------------------------------------------
 
     def encode(self, meta: dict[str, Any]) -> bytes:
@@ -138,6 +178,18 @@ class DisabledBackend(ResultBackend):
     def wait_for(self, task_id: str, timeout: float | None = None, interval: float = 0.5,
                  on_message: Any = None) -> dict[str, Any]:
         raise ImproperlyConfigured("no result backend is configured (result_backend='disabled://')")
+
+    def chord_set_size(self, group_id: str, size: int) -> None:
+        raise ImproperlyConfigured("chords need a result backend that can count: sqlite, redis "
+                                   "or memory — no result backend is configured")
+
+    def chord_part_return(self, group_id: str, task_id: str, index: int | None, state: str,
+                          value: Any) -> list[tuple[str, str, Any]] | None:
+        self.chord_set_size(group_id, 0)
+        return None
+
+    def chord_cleanup(self, group_id: str) -> None:
+        pass
 
 
 def by_url(url: str, app: Any = None, options: dict[str, Any] | None = None) -> ResultBackend:

@@ -1,4 +1,8 @@
-"""Results in a process-wide dict (``memory://`` / ``cache+memory://``), shared per URL."""
+"""Results in a process-wide dict (``memory://`` / ``cache+memory://``), shared per URL.
+
+Chord counters live beside the results, under the same lock, so every thread of the process
+(an embedded worker's and the client's) counts the same parts.
+"""
 from __future__ import annotations
 
 import itertools
@@ -9,6 +13,22 @@ from typing import Any, Iterable
 from . import ResultBackend
 
 
+#: How long a completed chord keeps ignoring late duplicate parts (as Celery's ``.c`` key).
+DONE_FOR = 300.0
+
+
+class _Chord:
+    """One chord being counted: header size and the parts seen, by task id."""
+
+    __slots__ = ("size", "parts", "claimed", "expires")
+
+    def __init__(self, size: int, expires: float) -> None:
+        self.size = size
+        self.parts: dict[str, tuple[float, int, str, bytes]] = {}  # id -> (index, seq, state, data)
+        self.claimed = False    # the completing part was seen: the chord is done counting
+        self.expires = expires
+
+
 class _Store:
     """One URL's results: task_id -> (data, state, expires_at or None, change stamp)."""
 
@@ -17,6 +37,8 @@ class _Store:
         self.data: dict[str, tuple[bytes, str, float | None, int]] = {}
         self.stamps = itertools.count(1)
         self.stamp = 0      # the newest change stamp handed out
+        self.chords: dict[str, _Chord] = {}
+        self.arrivals = itertools.count()
 
 
 _STORES: dict[str, _Store] = {}
@@ -77,3 +99,49 @@ class MemoryBackend(ResultBackend):
             def changed() -> bool:
                 return any(store.data.get(t, (0, 0, 0, 0))[3] > seen for t in task_ids)
             store.cond.wait_for(changed, max(timeout, 0.0))
+
+    # -- chords ---------------------------------------------------------------------------
+
+    def chord_set_size(self, group_id: str, size: int) -> None:
+        """Start (or restart) counting ``group_id``; parts already seen are kept."""
+        store, now = self._store, time.time()
+        with store.cond:
+            for gid in [g for g, c in store.chords.items() if c.expires <= now]:
+                del store.chords[gid]
+            chord = store.chords.get(group_id)
+            if chord is None:
+                store.chords[group_id] = _Chord(int(size), now + self.chord_keys_expire())
+            else:
+                chord.size, chord.claimed = int(size), False
+                chord.expires = now + self.chord_keys_expire()
+
+    def chord_part_return(self, group_id: str, task_id: str, index: int | None, state: str,
+                          value: Any) -> list[tuple[str, str, Any]] | None:
+        """Count the part under the store's lock; the completing caller gets the parts."""
+        data = self.encode_part(value)       # before locking: may raise for odd values
+        store, now = self._store, time.time()
+        with store.cond:
+            chord = store.chords.get(group_id)
+            if chord is None or chord.expires <= now or chord.claimed:
+                return None
+            if task_id in chord.parts:
+                return None
+            position = float("inf") if index is None else float(index)
+            chord.parts[task_id] = (position, next(store.arrivals), state, data)
+            chord.expires = now + self.chord_keys_expire()
+            if len(chord.parts) < chord.size:
+                return None
+            chord.claimed = True
+            parts = sorted(chord.parts.items(), key=lambda item: item[1][:2])
+        return [(tid, part_state, self.decode(part))
+                for tid, (_, _, part_state, part) in parts]
+
+    def chord_cleanup(self, group_id: str) -> None:
+        """Drop the parts; keep a claimed marker for ``DONE_FOR`` s against late duplicates."""
+        store = self._store
+        with store.cond:
+            chord = store.chords.get(group_id)
+            if chord is not None:
+                chord.parts.clear()
+                chord.claimed = True
+                chord.expires = time.time() + DONE_FOR

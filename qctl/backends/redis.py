@@ -10,6 +10,13 @@ so a Celery client already waiting on the channel wakes up, and a qctl client re
 written by Celery workers. Waiting (``wait_for_change``) subscribes to those channels, then
 reads the keys once more so a result stored just before the subscription is not missed; it
 never polls. Options: ``socket_timeout``, ``socket_connect_timeout``, ``max_connections``.
+
+Chords are counted under Celery 5.7's key names, beside ``celery-taskset-meta-<group id>``:
+``.s`` the header size (``.t`` an adjustment, read when present), ``.j`` a sorted set of the
+parts scored by group index, ``.d`` the ``"<task id>:<index>"`` already counted and ``.c`` set
+once the chord is complete (``done`` for a while after cleanup). One Lua script records a
+part, counts and claims, so exactly one caller receives the parts. Chords whose header tasks
+run on both qctl and Celery workers are not supported.
 """
 from __future__ import annotations
 
@@ -26,6 +33,31 @@ TASK_PREFIX = "celery-task-meta-"
 GROUP_PREFIX = "celery-taskset-meta-"
 _MAX_BLOCK = 5.0          # longest single wait on the socket; below socket_timeout
 _SEEN_LIMIT = 10000       # values remembered per thread for wait_for_change
+
+
+#: How long a completed chord keeps ignoring late duplicate parts (Celery's ``.c`` "done").
+DONE_FOR = 300
+
+# KEYS: .j .t .s .d .c   ARGV: "<task id>:<index>", score, encoded part, ttl, claim token
+CHORD_PART_RETURN = """
+if redis.call('EXISTS', KEYS[5]) == 1 then return nil end
+local size = redis.call('GET', KEYS[3])
+if not size then return nil end
+if redis.call('SADD', KEYS[4], ARGV[1]) == 0 then return nil end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+local ttl = tonumber(ARGV[4])
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
+local total = tonumber(size) + tonumber(redis.call('GET', KEYS[2]) or '0')
+if redis.call('ZCARD', KEYS[1]) < total then return nil end
+redis.call('SET', KEYS[5], ARGV[5], 'EX', ttl)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+
+def chord_keys(group_id: str) -> list[str]:
+    """``.j .t .s .d .c`` of ``group_id``, in the order the script takes them."""
+    base = f"{GROUP_PREFIX}{group_id}"
+    return [f"{base}.j", f"{base}.t", f"{base}.s", f"{base}.d", f"{base}.c"]
 
 
 class RedisBackend(ResultBackend):
@@ -113,6 +145,42 @@ class RedisBackend(ResultBackend):
 
     def get_raw(self, key: str) -> bytes | None:
         return self._read(key)
+
+    # -- chords ---------------------------------------------------------------------------
+
+    def chord_set_size(self, group_id: str, size: int) -> None:
+        """``DEL .c`` and ``SET .s <size> EX <ttl>`` in one transaction, as Celery 5.7 does."""
+        keys = chord_keys(group_id)
+        client = self._redis()
+        with self._errors, client.pipeline(transaction=True) as pipe:
+            pipe.delete(keys[4])
+            pipe.set(keys[2], int(size), ex=self.chord_keys_expire())
+            pipe.execute()
+
+    def chord_part_return(self, group_id: str, task_id: str, index: int | None, state: str,
+                          value: Any) -> list[tuple[str, str, Any]] | None:
+        """One ``EVALSHA`` of ``CHORD_PART_RETURN``; the caller that completes gets the parts."""
+        member = self.encode_part([1, task_id, state, value])   # Celery's element layout
+        score = "+inf" if index is None else int(index)
+        client = self._redis()
+        with self._errors:
+            script = client.register_script(CHORD_PART_RETURN)
+            parts = script(keys=chord_keys(group_id),
+                           args=[f"{task_id}:{index}", score, member, self.chord_keys_expire(),
+                                 f"{os.getpid()}:{task_id}"])
+        if parts is None:
+            return None
+        decoded = [self.decode(part) for part in parts]
+        return [(tid, part_state, part_value) for _, tid, part_state, part_value in decoded]
+
+    def chord_cleanup(self, group_id: str) -> None:
+        """``DEL .j .t .s .d`` and ``SET .c done EX 300`` in one transaction."""
+        keys = chord_keys(group_id)
+        client = self._redis()
+        with self._errors, client.pipeline(transaction=True) as pipe:
+            pipe.delete(*keys[:4])
+            pipe.set(keys[4], "done", ex=DONE_FOR)
+            pipe.execute()
 
     # -- waiting --------------------------------------------------------------------------
 

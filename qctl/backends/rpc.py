@@ -41,6 +41,8 @@ from . import ResultBackend
 logger = logging.getLogger("qctl.backends.rpc")
 _ROUTES_MAX = 100_000     # remembered reply_to routes (worker side)
 _RESULTS_MAX = 100_000    # received metas kept (client side); oldest dropped first
+CHORDS_NEED_COUNTING = ("chords need a result backend that can count: sqlite, redis or "
+                        "memory — rpc:// cannot")
 
 
 class RpcBackend(ResultBackend):
@@ -189,6 +191,18 @@ class RpcBackend(ResultBackend):
 
     def get_raw(self, key: str) -> bytes | None:
         return self._raw.get(key)
+
+    # -- chords: nothing shared to count in ----------------------------------------------
+
+    def chord_set_size(self, group_id: str, size: int) -> None:
+        raise ImproperlyConfigured(CHORDS_NEED_COUNTING)
+
+    def chord_part_return(self, group_id: str, task_id: str, index: int | None, state: str,
+                          value: Any) -> list[tuple[str, str, Any]] | None:
+        raise ImproperlyConfigured(CHORDS_NEED_COUNTING)
+
+    def chord_cleanup(self, group_id: str) -> None:
+        raise ImproperlyConfigured(CHORDS_NEED_COUNTING)
 
     # -- worker side ----------------------------------------------------------------------
 

@@ -6,6 +6,14 @@ Schema (created ``IF NOT EXISTS`` on first connect)::
                           date_done REAL, expires REAL NULL);
     CREATE INDEX results_expires ON results (expires) WHERE expires IS NOT NULL;
 
+Chord counting uses two more tables; a part is one row keyed by (group, task), so a task that
+reports twice is counted once, and each report is one ``BEGIN IMMEDIATE`` transaction::
+
+    CREATE TABLE chords (group_id TEXT PRIMARY KEY, size INTEGER NOT NULL,
+                         claimed INTEGER NOT NULL DEFAULT 0, expires REAL NOT NULL);
+    CREATE TABLE chord_parts (group_id TEXT, task_id TEXT, idx INTEGER, state TEXT,
+                              data BLOB, PRIMARY KEY (group_id, task_id));
+
 Connections follow the broker's rules (one per thread and process, WAL, busy timeout); the
 helpers live in ``qctl.transports.sqlite``.
 """
@@ -23,7 +31,15 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (task_id TEXT PRIMARY KEY, status TEXT, data BLOB,
                                     date_done REAL, expires REAL NULL);
 CREATE INDEX IF NOT EXISTS results_expires ON results (expires) WHERE expires IS NOT NULL;
+CREATE TABLE IF NOT EXISTS chords (group_id TEXT PRIMARY KEY, size INTEGER NOT NULL,
+                                   claimed INTEGER NOT NULL DEFAULT 0, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS chord_parts (group_id TEXT NOT NULL, task_id TEXT NOT NULL,
+                                        idx INTEGER, state TEXT NOT NULL, data BLOB NOT NULL,
+                                        PRIMARY KEY (group_id, task_id));
 """
+
+#: How long a completed chord keeps ignoring late duplicate parts (as Celery's ``.c`` key).
+DONE_FOR = 300.0
 
 _CLEANUP_EVERY = 60.0   # seconds between lazy deletions of expired rows (per backend object)
 
@@ -104,3 +120,60 @@ class SqliteBackend(ResultBackend):
     def close(self) -> None:
         """Close this process's connections. Idempotent."""
         self._db.close()
+
+    # -- chords ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _drop_expired_chords(conn: sqlite3.Connection, now: float) -> None:
+        conn.execute("DELETE FROM chord_parts WHERE group_id IN"
+                     " (SELECT group_id FROM chords WHERE expires < ?)", (now,))
+        conn.execute("DELETE FROM chords WHERE expires < ?", (now,))
+
+    def chord_set_size(self, group_id: str, size: int) -> None:
+        """Insert or reset the ``chords`` row (expired chords are swept here)."""
+        def run(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            self._drop_expired_chords(conn, now)
+            conn.execute("INSERT OR REPLACE INTO chords (group_id, size, claimed, expires)"
+                         " VALUES (?, ?, 0, ?)", (group_id, int(size), now + self.chord_keys_expire()))
+        self._db.write(run)
+
+    def chord_part_return(self, group_id: str, task_id: str, index: int | None, state: str,
+                          value: Any) -> list[tuple[str, str, Any]] | None:
+        """Insert the part, count and claim in one ``BEGIN IMMEDIATE`` transaction."""
+        data = sqlite3.Binary(self.encode_part(value))
+
+        def run(conn: sqlite3.Connection) -> list | None:
+            now = time.time()
+            row = conn.execute("SELECT size, claimed FROM chords WHERE group_id = ?"
+                               " AND expires >= ?", (group_id, now)).fetchone()
+            if row is None or row[1]:
+                return None
+            added = conn.execute("INSERT OR IGNORE INTO chord_parts (group_id, task_id, idx,"
+                                 " state, data) VALUES (?, ?, ?, ?, ?)",
+                                 (group_id, task_id, index, state, data)).rowcount
+            if not added:
+                return None
+            conn.execute("UPDATE chords SET expires = ? WHERE group_id = ?",
+                         (now + self.chord_keys_expire(), group_id))
+            count = conn.execute("SELECT COUNT(*) FROM chord_parts WHERE group_id = ?",
+                                 (group_id,)).fetchone()[0]
+            if count < row[0]:
+                return None
+            conn.execute("UPDATE chords SET claimed = 1 WHERE group_id = ?", (group_id,))
+            # Parts without an index (not sent as a chord by us) come last, in arrival order.
+            return conn.execute("SELECT task_id, state, data FROM chord_parts WHERE group_id = ?"
+                                " ORDER BY idx IS NULL, idx, rowid", (group_id,)).fetchall()
+
+        parts = self._db.write(run)
+        if parts is None:
+            return None
+        return [(tid, part_state, self.decode(bytes(part))) for tid, part_state, part in parts]
+
+    def chord_cleanup(self, group_id: str) -> None:
+        """Delete the parts; the claimed row stays ``DONE_FOR`` s against late duplicates."""
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM chord_parts WHERE group_id = ?", (group_id,))
+            conn.execute("UPDATE chords SET claimed = 1, expires = ? WHERE group_id = ?",
+                         (time.time() + DONE_FOR, group_id))
+        self._db.write(run)

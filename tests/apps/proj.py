@@ -329,3 +329,66 @@ def tick(self, name):
     """One beat tick: the task id is the tick's id (entry, scheduled time)."""
     record("tick", self.request.id, entry=name)
     return name
+
+
+# -- workflows (canvas) ----------------------------------------------------------------------
+# Chain steps, chord bodies and link callbacks record their runs with the ``label`` the test
+# gave them, so a test can tell which step of which workflow ran (or never ran).
+
+@app.task(bind=True)
+def identity(self, value, label=None):
+    """Returns ``value`` unchanged (a chord body here receives the header's list)."""
+    record("identity", self.request.id, label=label, value=value, group=self.request.group,
+           parent_id=self.request.parent_id, root_id=self.request.root_id)
+    return value
+
+
+@app.task(bind=True)
+def step(self, x, y=0, label=None):
+    """``x + y``, recorded with the ids that link it to the rest of its workflow."""
+    record("step", self.request.id, label=label, x=x, y=y,
+           parent_id=self.request.parent_id, root_id=self.request.root_id)
+    return x + y
+
+
+@app.task
+def tsum(numbers):
+    """Sum of a list (a chord body's header results)."""
+    return sum(numbers)
+
+
+@app.task
+def xsum(numbers):
+    """Sum of a list of lists (the results of chunks, or of a group of groups)."""
+    return sum(sum(part) if isinstance(part, (list, tuple)) else part for part in numbers)
+
+
+@app.task
+def delayed(value, seconds=0.0):
+    """Returns ``value`` after ``seconds``: header tasks that finish out of order."""
+    time.sleep(seconds)
+    return value
+
+
+@app.task(bind=True)
+def fail_with(self, *args, message="boom"):
+    """Raises ``ValueError(message)`` whatever it is given (a failing step of a workflow)."""
+    record("fail_with", self.request.id, args=list(args), message=message)
+    raise ValueError(message)
+
+
+@app.task(bind=True)
+def errback_request(self, request, exc, traceback, label=None):
+    """An errback of the old form: called in the worker with the failed task's request, its
+    exception and traceback text."""
+    record("errback_request", self.request.id, label=label, failed_id=request.id,
+           failed_group=getattr(request, "group", None), exc_type=type(exc).__name__,
+           exc=str(exc), traceback=str(traceback))
+
+
+@app.task(bind=True)
+def errback_id(self, failed_id):
+    """An errback of the new form: sent as a task with the failed task's id."""
+    record("errback_id", self.request.id, failed_id=failed_id,
+           parent_id=self.request.parent_id)
+    return failed_id
