@@ -247,3 +247,33 @@ def chord_part_from_message(app: Any, headers: dict[str, Any], source: Any, acce
     request = build_context(headers, message.args, message.kwargs, message.embed, {},
                             source.properties, None)
     on_chord_part_return(app, request, state, exception_to_meta(exc))
+
+
+def fail_rest_of_chain(task: Any, request: Any, exc_meta: dict, traceback_text: str) -> int:
+    """A chain step failed: the steps after it will never run. Store the same FAILURE under
+    their pre-assigned ids (as Celery's workers do), so a client already waiting on a later
+    step's result hears of it at once. Nested groups/chords keep their own ids and are left
+    alone. Returns how many results were stored."""
+    from .trace import utcnow_iso
+    stored = 0
+    for step in request.chain or ():
+        if not isinstance(step, dict) or step.get("subtask_type") in ("group", "chord"):
+            continue
+        task_id = (step.get("options") or {}).get("task_id")
+        if not task_id:
+            continue
+        meta = {"status": states.FAILURE, "result": exc_meta, "traceback": traceback_text,
+                "children": [], "date_done": utcnow_iso(), "parent_id": request.id,
+                "task_id": task_id}
+        backend = task.app.backend
+        try:
+            if hasattr(backend, "store_for"):       # rpc://: to the client that sent the chain
+                reply_to = (step.get("options") or {}).get("reply_to") or request.reply_to
+                backend.store_for(task_id, backend.encode(meta), states.FAILURE, reply_to)
+            else:
+                backend.store_result(task_id, meta)
+            stored += 1
+        except Exception as exc:  # noqa: BLE001 - the failed step's own result is stored
+            logger.warning("Cannot mark the rest of the chain of %s as failed: %s", request.id, exc)
+            break
+    return stored

@@ -248,6 +248,9 @@ class Tracer:
             if request.errbacks:
                 from .followups import send_errbacks
                 send_errbacks(task, request, exc, text)
+            if request.chain:
+                from .followups import fail_rest_of_chain
+                fail_rest_of_chain(task, request, exc_meta, text)
         einfo = ExceptionInfo(exc, text)
         task.on_failure(exc, request.id, tuple(request.args), request.kwargs or {}, einfo)
         task.after_return(states.FAILURE, exc, request.id, tuple(request.args),

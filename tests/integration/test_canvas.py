@@ -278,6 +278,9 @@ def test_failure_in_the_middle_stops_the_chain(env):
     env.settle()
     assert [run["id"] for run in env.runs("step", label)] == [failed.parent.id]
     env.assert_never_received([res.parent.id, res.id])
+    # the steps that will never run carry the failure themselves (as with Celery's workers)
+    for later in (res.parent, res):
+        assert later.state == "FAILURE" and isinstance(later.result, ValueError)
 
 
 # -- groups --------------------------------------------------------------------------------
