@@ -362,7 +362,29 @@ def maybe_signature(value: Any, app: Any = None) -> Signature | None:
     return _from_dict(value, app)
 
 
-class chain(Signature):
+class _Nested(Signature):
+    """A canvas holding signatures in ``kwargs["tasks"]`` (chain, group)."""
+
+    @classmethod
+    def from_dict(cls, data: dict, app: Any = None) -> Any:
+        kwargs = dict(data.get("kwargs") or {})
+        sig = cls(kwargs.pop("tasks", None) or [], app=app, **dict(data.get("options") or {}))
+        sig["args"] = list(data.get("args") or ())
+        sig["kwargs"].update(kwargs)
+        sig["immutable"] = bool(data.get("immutable", False))
+        return sig
+
+    @property
+    def tasks(self) -> list[Signature]:
+        """The members as signatures bound to this canvas's app (dicts are converted once)."""
+        items = self["kwargs"].setdefault("tasks", [])
+        for i, item in enumerate(items):
+            if not isinstance(item, Signature) or item._app is None:
+                items[i] = maybe_signature(item, self._app)
+        return items
+
+
+class chain(_Nested):
     """Tasks run one after another, each result prepended to the next one's arguments:
     ``chain(add.s(1, 1), add.s(10))`` or ``add.s(1, 1) | add.s(10)``.
 
@@ -380,24 +402,6 @@ class chain(Signature):
         app = app or next((s._app for s in steps if s._app is not None), None)
         super().__init__("celery.chain", (), {"tasks": _normalize(steps, app)}, options,
                          subtask_type="chain", app=app)
-
-    @classmethod
-    def from_dict(cls, data: dict, app: Any = None) -> "chain":
-        kwargs = dict(data.get("kwargs") or {})
-        tasks = kwargs.pop("tasks", None) or []
-        sig = cls(*tasks, app=app, **dict(data.get("options") or {}))
-        sig["args"] = list(data.get("args") or ())
-        sig["kwargs"].update(kwargs)
-        sig["immutable"] = bool(data.get("immutable", False))
-        return sig
-
-    @property
-    def tasks(self) -> list[Signature]:
-        steps = self["kwargs"].setdefault("tasks", [])
-        for i, step in enumerate(steps):
-            if not isinstance(step, Signature) or step._app is None:
-                steps[i] = maybe_signature(step, self._app)
-        return steps
 
     def _own_kwargs(self) -> dict:
         return {k: v for k, v in self["kwargs"].items() if k != "tasks"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Iterable
 
-from .canvas import (_BY_NAME, _TYPES, Signature, _as_list, _chain_or_single, _drop_none,
+from .canvas import (_BY_NAME, _TYPES, Signature, _Nested, _as_list, _chain_or_single, _drop_none,
                      _has_failed, chain, maybe_signature, root_of)
 
 
@@ -22,7 +22,7 @@ def _listed(tasks: tuple) -> list:
     return list(tasks)
 
 
-class group(Signature):
+class group(_Nested):
     """Signatures applied in parallel: ``group(add.s(1, 1), add.s(2, 2))`` or
     ``group(add.s(i, i) for i in range(10))``. A group nested in a group is unrolled into it."""
 
@@ -34,23 +34,6 @@ class group(Signature):
         app = app or next((m._app for m in members if m._app is not None), None)
         super().__init__("celery.group", (), {"tasks": members}, options,
                          subtask_type="group", app=app)
-
-    @classmethod
-    def from_dict(cls, data: dict, app: Any = None) -> "group":
-        kwargs = dict(data.get("kwargs") or {})
-        sig = cls(kwargs.pop("tasks", None) or [], app=app, **dict(data.get("options") or {}))
-        sig["args"] = list(data.get("args") or ())
-        sig["kwargs"].update(kwargs)
-        sig["immutable"] = bool(data.get("immutable", False))
-        return sig
-
-    @property
-    def tasks(self) -> list[Signature]:
-        members = self["kwargs"].setdefault("tasks", [])
-        for i, member in enumerate(members):
-            if not isinstance(member, Signature) or member._app is None:
-                members[i] = maybe_signature(member, self._app)
-        return members
 
     def __len__(self) -> int:
         """The number of members, as Celery's ``len(group)`` (not the dict's size)."""
