@@ -10,6 +10,7 @@ import click
 from . import exitcodes
 from .context import CliContext, CliError
 from .output import to_json
+from .params import daemon_options
 
 LOGLEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -26,14 +27,8 @@ LOGLEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
               help="Log to this file instead of stderr.")
 @click.option("--pidfile", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the process id here (removed on clean exit).")
-@click.option("-D", "--detach", is_flag=True,
-              help="Run in the background; return once the scheduler runs. "
+@daemon_options("Run in the background; return once the scheduler runs. "
                    "Defaults --pidfile=qctl-beat.pid --logfile=qctl-beat.log.")
-@click.option("--workdir", "node_workdir", type=click.Path(file_okay=False), metavar="DIR",
-              help="Change to this directory before opening files (after --detach).")
-@click.option("--uid", metavar="USER", help="Drop privileges to this user (name or id).")
-@click.option("--gid", metavar="GROUP", help="Drop privileges to this group (name or id).")
-@click.option("--umask", metavar="OCTAL", help="File creation mask, e.g. 027.")
 @click.option("--list", "list_only", is_flag=True,
               help="Print the entries with their last and next runs, and who leads; start nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --list: JSON output.")
@@ -71,7 +66,13 @@ def beat(obj: CliContext, schedule_file: str | None, max_interval: float | None,
         pidfile = pidfile or "qctl-beat.pid"
         logfile = logfile or "qctl-beat.log"
         ready = daemon.detach("beat", logfile)
-    daemon.prepare_process(node_workdir, mask, user_id, group_id)
+    try:
+        daemon.prepare_process(node_workdir, mask, user_id, group_id)
+    except OSError as exc:                           # e.g. --uid without root: one line, 77
+        if ready is not None:
+            ready.fail(exitcodes.NOPERM, f"cannot prepare beat: {exc.strerror or exc}")
+            raise SystemExit(exitcodes.NOPERM)
+        raise CliError(f"cannot prepare beat: {exc.strerror or exc}", exitcodes.NOPERM) from exc
     code, error = beat_service.run(app, schedule_file, max_interval, loglevel.upper(), logfile,
                                    pidfile, no_color=obj.no_color, quiet=obj.quiet,
                                    on_ready=ready.ready if ready is not None else None)

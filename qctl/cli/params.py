@@ -131,3 +131,23 @@ class Autoscale(click.ParamType):
 
 JSON_ARRAY = JSONType("array")
 JSON_OBJECT = JSONType("object")
+
+
+def daemon_options(detach_help: str) -> Any:
+    """The options every long-running process (worker, beat) takes for running in the
+    background: ``--detach --workdir --uid --gid --umask`` (``--workdir`` arrives as
+    ``node_workdir``, apart from the global ``--workdir`` applied before the app loads)."""
+    options = [
+        click.option("-D", "--detach", is_flag=True, help=detach_help),
+        click.option("--workdir", "node_workdir", type=click.Path(file_okay=False), metavar="DIR",
+                     help="Change to this directory before opening files (after --detach)."),
+        click.option("--uid", metavar="USER", help="Drop privileges to this user (name or id)."),
+        click.option("--gid", metavar="GROUP", help="Drop privileges to this group (name or id)."),
+        click.option("--umask", metavar="OCTAL", help="File creation mask, e.g. 027."),
+    ]
+
+    def decorate(func: Any) -> Any:
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate

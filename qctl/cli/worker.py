@@ -13,7 +13,7 @@ import click
 
 from . import exitcodes
 from .context import CliContext, CliError
-from .params import Autoscale, CommaList
+from .params import Autoscale, CommaList, daemon_options
 
 POOLS = ["prefork", "threads", "solo", "asyncio"]
 LOGLEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -57,14 +57,8 @@ LOGLEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
               help="Keep revoked task ids in this file across restarts.")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Warm shutdown: wait this long for running tasks, then stop cold.")
-@click.option("-D", "--detach", is_flag=True,
-              help="Run in the background; return once the node is consuming (exit 0) or "
+@daemon_options("Run in the background; return once the node is consuming (exit 0) or "
                    "failed to start (its exit code). Defaults --pidfile=%n.pid --logfile=%n%I.log.")
-@click.option("--workdir", "node_workdir", type=click.Path(file_okay=False), metavar="DIR",
-              help="Change to this directory before opening files (after --detach).")
-@click.option("--uid", metavar="USER", help="Drop privileges to this user (name or id).")
-@click.option("--gid", metavar="GROUP", help="Drop privileges to this group (name or id).")
-@click.option("--umask", metavar="OCTAL", help="File creation mask, e.g. 027.")
 @click.option("--check", is_flag=True,
               help="Probe: exit 0 if the node named by -n is consuming (answers a ping), "
                    "69 otherwise. Starts nothing.")
